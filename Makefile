@@ -1,0 +1,36 @@
+# make test: installs what the tests need (Debian packages, the package itself with its test
+# extras, the Rust crates) and runs every check.  .ci/run calls exactly this.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+DEBS := dnsmasq-base
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: test deps install rust-test lint typecheck pytest clean
+
+test: deps rust-test lint typecheck pytest
+
+deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	$(PIP) install -q -e '.[test]'
+
+rust-test:
+	cargo test --quiet
+	cargo clippy --quiet --all-targets -- -D warnings
+
+lint:
+	$(PYTHON) -m ruff check python tests
+	cargo fmt --check
+
+typecheck:
+	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy.stubtest dma._core
+
+pytest:
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf target build dist python/dma/*.so .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,105 @@
+"""The library interface behind ``import dma``: the same rules and errors as ``sendmail``,
+as typed exceptions instead of exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, BinaryIO, Union
+
+if TYPE_CHECKING:
+    from email.message import Message
+
+    from dma.config import Config
+
+MessageInput = Union["Message", bytes, bytearray, memoryview, BinaryIO]
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read dma.conf (``path``, else ``$DMA_CONF``, else /etc/dma/dma.conf)."""
+    from dma import config
+
+    return config.load(path)
+
+
+def _feed(source: bytes | BinaryIO, wfd: int) -> None:
+    """Write ``source`` into a pipe; a reader that stopped early just ends the copy."""
+    try:
+        with os.fdopen(wfd, "wb", buffering=0) as w:
+            if isinstance(source, bytes):
+                view = memoryview(source)
+                while view:
+                    view = view[w.write(view[: 1 << 20]) or 0:]
+            else:
+                while chunk := source.read(1 << 20):
+                    w.write(chunk)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def send(message: MessageInput, recipients: Iterable[str] | None = None,
+         sender: str | None = None, config: Config | str | None = None, *,
+         full_name: str = "", deliver: bool = True) -> str:
+    """Spool ``message`` durably and return its queue id.
+
+    ``message`` is an ``email.message.Message``, bytes, or a binary file object.
+    ``recipients=None`` takes them from the To/Cc/Bcc headers (``sendmail -t``); Bcc is
+    removed either way.  ``sender=None`` uses ``$EMAIL`` or the current user.  ``config`` is a
+    path to dma.conf or a loaded :class:`dma.config.Config`; by default the system one.
+    A lone ``.`` line is message text (``sendmail -i``).  With ``deliver`` (the default) the
+    first delivery attempt starts in a separate process unless the configuration says DEFER.
+    """
+    from dma.config import Config
+    from dma.submit import Request, submit
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    request = Request(recipients=tuple(recipients or ()), sender=sender, full_name=full_name,
+                      from_headers=recipients is None, dot_ends=False)
+    data: bytes | BinaryIO
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        data = bytes(message)
+    elif hasattr(message, "as_bytes"):
+        data = message.as_bytes()
+    else:
+        data = message
+    fileno = None
+    if not isinstance(data, bytes):
+        try:
+            fileno = data.fileno()
+        except (AttributeError, OSError, ValueError):
+            fileno = None
+    if fileno is not None:
+        qid = submit(fileno, request, cfg)
+    else:
+        rfd, wfd = os.pipe()
+        feeder = threading.Thread(target=_feed, args=(data, wfd), daemon=True)
+        feeder.start()
+        try:
+            qid = submit(rfd, request, cfg)
+        finally:
+            os.close(rfd)
+            feeder.join()
+    if deliver and not cfg.defer:
+        _start_delivery(qid, cfg, config)
+    return qid
+
+
+def _start_delivery(qid: str, cfg: Config, given: Config | str | None) -> None:
+    """A detached ``dma -qI ID`` when the configuration has a file it can read again;
+    a Config built in code is delivered in this process instead (it cannot be passed on)."""
+    if isinstance(given, str) or cfg.path is not None or given is None:
+        cmd = [sys.executable, "-m", "dma.cli", f"-qI{qid}"]
+        if cfg.path is not None:
+            cmd[3:3] = ["-C", cfg.path]
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        return
+    from dma import queue
+    from dma.log import Log
+    from dma.spool import Spool
+
+    log = Log("dma", fallback_path=cfg.log_path)
+    queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)

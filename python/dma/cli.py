@@ -1,0 +1,255 @@
+"""The command line: the sendmail persona (``sendmail``, ``mailq``, ``newaliases`` and ``dma``
+given sendmail flags).
+
+Flags are parsed the way C dma's getopt string ``:A:b:B:C:d:Df:F:h:iL:N:no:O:q:r:R:tUV:vX:``
+parses them on glibc (options may follow operands; ``--`` ends options; ``-q`` takes an
+optional attached value).  This path is run once per message by cron and mail clients, so it
+imports only what submission needs: no click, DNS, TLS or email parser.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dma import __version__
+from dma.errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, DmaError, UsageError
+
+if TYPE_CHECKING:
+    from dma.config import Config
+    from dma.log import Log
+
+_WITH_ARG = set("AbBCdfFhLNoOqrRVX")
+_FLAGS = set("DintUv")
+
+
+@dataclass
+class Options:
+    recipients: list[str] = field(default_factory=list)
+    mode: str = "send"
+    """send, list (-bp), queue-run (-q), newaliases (-bi)."""
+    queue_only: bool = False
+    foreground: bool = False
+    sender: str | None = None
+    full_name: str = ""
+    from_headers: bool = False
+    dot_ends: bool = True
+    verbose: bool = False
+    config_path: str | None = None
+    ident: str = "dma"
+    queue_ids: list[str] = field(default_factory=list)
+
+
+def _getopt(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """C getopt with glibc's argument permutation, for C dma's option string."""
+    opts: list[tuple[str, str]] = []
+    operands: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "--":
+            operands.extend(argv[i:])
+            break
+        if not tok.startswith("-") or tok == "-":
+            operands.append(tok)
+            continue
+        j = 1
+        while j < len(tok):
+            letter = tok[j]
+            j += 1
+            if letter in _FLAGS:
+                opts.append((letter, ""))
+                continue
+            if letter not in _WITH_ARG:
+                raise UsageError(f"invalid argument: `-{letter}'")
+            if j < len(tok):
+                value, j = tok[j:], len(tok)
+            elif letter == "q":
+                # -q's value is optional: C dma re-parses a following option.
+                if i < len(argv) and not argv[i].startswith("-"):
+                    value, i = argv[i], i + 1
+                else:
+                    value = ""
+            elif i < len(argv):
+                value, i = argv[i], i + 1
+            else:
+                raise UsageError(f"option requires an argument: `-{letter}'")
+            opts.append((letter, value))
+    return opts, operands
+
+
+def parse(argv: Sequence[str], prog: str) -> Options:
+    o = Options()
+    if prog == "mailq":
+        if argv:
+            raise UsageError("invalid arguments: mailq takes none")
+        o.mode = "list"
+        return o
+    if prog == "newaliases":
+        o.mode = "newaliases"
+        return o
+    opts, o.recipients = _getopt(argv)
+    for letter, value in opts:
+        if letter == "A" and value in ("c", "m"):
+            continue
+        if letter in ("b", "A"):
+            if value == "p":
+                o.mode = "list"
+            elif value == "q":
+                o.queue_only = True
+            elif value == "i":
+                o.mode = "newaliases"
+            elif value in ("m", "d", "v", "t"):
+                pass  # deliver mail normally, as C dma treats every other mode
+            elif value == "s":
+                raise UsageError("-bs (SMTP on standard input) is not supported")
+            elif letter == "b":
+                raise UsageError(f"unknown mode -b{value}")
+        elif letter == "D":
+            o.foreground = True
+        elif letter in ("f", "r"):
+            o.sender = value
+        elif letter == "F":
+            o.full_name = value
+        elif letter == "i":
+            o.dot_ends = False
+        elif letter == "o":
+            if value == "i":
+                o.dot_ends = False
+            elif value in ("dq", "dd"):
+                o.queue_only = True
+            elif value == "di":
+                o.foreground = True
+            # -oem, -odb, -oXxx...: accepted and ignored, as C dma does.
+        elif letter == "q":
+            o.mode = "queue-run"
+            if value.startswith("I") and len(value) > 1:
+                o.queue_ids.append(value[1:])
+            elif value == "I":
+                raise UsageError("-qI needs a queue id")
+        elif letter == "t":
+            o.from_headers = True
+        elif letter == "v":
+            o.verbose = True
+        elif letter == "C":
+            o.config_path = value
+        elif letter == "L":
+            o.ident = value or "dma"
+        # B, d, h, N, O, R, U, V, X, n: accepted and ignored (C dma does the same).
+    if o.mode in ("list", "queue-run") and o.recipients:
+        raise UsageError("sending mail and queue operations are mutually exclusive")
+    return o
+
+
+def _fail(e: DmaError) -> int:
+    sys.stderr.write(f"dma: {e}\n")
+    return e.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    prog = os.path.basename(argv[0]) if argv else "dma"
+    args = argv[1:]
+    if args[:1] == ["--version"]:
+        sys.stdout.write(f"dma {__version__}\n")
+        return EX_OK
+    try:
+        return _run(parse(args, prog))
+    except DmaError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+
+
+def _run(o: Options) -> int:
+    from dma import config as config_mod
+    from dma.log import Log
+
+    cfg = config_mod.load(o.config_path)
+    log = Log(o.ident, verbose=o.verbose,
+              fallback_path=cfg.log_path)
+    if o.mode == "newaliases":
+        from dma.aliases import Aliases
+
+        for line in Aliases.check(cfg.aliases):
+            sys.stdout.write(f"{line}\n")
+        return EX_OK
+    if o.mode == "list":
+        from dma import mailq
+
+        sys.stdout.write(mailq.render(cfg))
+        return EX_OK
+    if o.mode == "queue-run":
+        from dma import queue
+        from dma.spool import Spool
+
+        results = queue.run_queue(Spool(cfg.spooldir), cfg, log, o.queue_ids or None)
+        missing = [r.queue_id for r in results if not r.claimed]
+        if o.queue_ids and missing:
+            log.info(f"skipped (locked by another runner or gone): {', '.join(missing)}")
+        return EX_OK
+    return _send(o, cfg, log)
+
+
+def _send(o: Options, cfg: Config, log: Log) -> int:
+    from dma.submit import Request, submit
+
+    request = Request(recipients=o.recipients, sender=o.sender, full_name=o.full_name,
+                      from_headers=o.from_headers, dot_ends=o.dot_ends)
+    qid = submit(sys.stdin.fileno(), request, cfg)
+    log.info(f"{qid}: queued")
+    if o.queue_only or cfg.defer:
+        return EX_OK
+    if o.foreground:
+        return _deliver_now(qid, cfg, log)
+    _deliver_detached(qid, cfg, log)
+    return EX_OK
+
+
+def _deliver_now(qid: str, cfg: Config, log: Log) -> int:
+    from dma import queue
+    from dma.spool import Spool
+
+    result = queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)
+    if result.failed:
+        return EX_UNAVAILABLE
+    if result.pending:
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _deliver_detached(qid: str, cfg: Config, log: Log) -> None:
+    """The caller has its answer (the message is durable); the first attempt runs in a
+    child that has left the caller's session and closed the caller's pipes, so cron and
+    mail clients are not kept waiting."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        log.warning(f"{qid}: cannot start delivery ({e.strerror}); it stays queued")
+        return
+    if pid:
+        return
+    status = EX_OK
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        log.verbose = False
+        _deliver_now(qid, cfg, log)
+    except BaseException as e:  # noqa: BLE001 - the child must always exit here
+        log.error(f"{qid}: delivery attempt crashed: {e!r}; the message stays queued")
+        status = EX_SOFTWARE
+    finally:
+        os._exit(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Where dma's log lines go: syslog (facility mail) when a syslog socket exists, else a
+file a person can find (``<SPOOLDIR>/dma.log``), and stderr too when verbose (``-v``).
+
+A logging failure never fails a delivery: every write is best effort.
+A ``Log`` is created by the CLI (or ``dma.send``) and passed down; there is no global logger.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
+
+
+class Log:
+    def __init__(self, ident: str = "dma", *, verbose: bool = False,
+                 fallback_path: str | None = None, use_syslog: bool | None = None) -> None:
+        self.ident = ident
+        self.verbose = verbose
+        self.fallback_path = fallback_path
+        if use_syslog is None:
+            use_syslog = any(os.path.exists(p) for p in _SYSLOG_SOCKETS)
+        self._syslog = None
+        if use_syslog:
+            try:
+                import syslog
+
+                syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_MAIL)
+                self._syslog = syslog
+            except Exception:  # noqa: BLE001 - logging must never fail the caller
+                self._syslog = None
+
+    @property
+    def destination(self) -> str:
+        """Says where the lines go, for messages that point a person at the log."""
+        if self._syslog is not None:
+            return "syslog (facility mail)"
+        return self.fallback_path or "stderr"
+
+    def _emit(self, level: str, msg: str) -> None:
+        line = msg.replace("\n", " ").replace("\r", " ")
+        try:
+            if self._syslog is not None:
+                prio = {"info": self._syslog.LOG_INFO, "warning": self._syslog.LOG_WARNING,
+                        "error": self._syslog.LOG_ERR}.get(level, self._syslog.LOG_INFO)
+                self._syslog.syslog(prio, line)
+            elif self.fallback_path:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                with open(self.fallback_path, "a", encoding="utf-8", errors="replace") as f:
+                    f.write(f"{stamp} {self.ident}[{os.getpid()}]: {level}: {line}\n")
+        except Exception:  # noqa: BLE001
+            pass
+        if self.verbose or (self._syslog is None and not self.fallback_path):
+            try:
+                sys.stderr.write(f"{self.ident}: {line}\n")
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def info(self, msg: str) -> None:
+        self._emit("info", msg)
+
+    def warning(self, msg: str) -> None:
+        self._emit("warning", msg)
+
+    def error(self, msg: str) -> None:
+        self._emit("error", msg)

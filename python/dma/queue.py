@@ -1,0 +1,131 @@
+"""Delivering queued messages: claim one, work out who is still pending, hand each recipient
+to local delivery or to SMTP (destinations in parallel), write every result to the journal
+as soon as it is known, and finish the message when nobody is pending any more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from dma import _core, bounce, route
+from dma.config import Config
+from dma.errors import DmaError
+from dma.log import Log
+from dma.outcome import Outcome, Status
+from dma.spool import Envelope, Spool
+
+
+@dataclass
+class RunResult:
+    queue_id: str
+    outcomes: list[Outcome]
+    claimed: bool = True
+    """False when another runner held the message (nothing was attempted)."""
+
+    @property
+    def pending(self) -> bool:
+        return any(o.status == "deferred" for o in self.outcomes)
+
+    @property
+    def failed(self) -> bool:
+        return any(o.status == "failed" for o in self.outcomes)
+
+
+def _remote(msg: _core.MessageFile, env: Envelope, dest: route.Destination, config: Config,
+            log: Log) -> list[Outcome]:
+    """One destination: resolve it, then one SMTP transaction with all its recipients."""
+    try:
+        hosts = route.resolve(dest, config)
+    except route.RouteError as e:
+        status: Status = "failed" if e.permanent else "deferred"
+        return [Outcome(r, status, e.reason, e.dsn) for r in dest.recipients]
+    from dma import auth, smtp
+
+    table = auth.load(config.authpath) if config.authpath else None
+    return smtp.deliver(msg, env.sender, dest.recipients, hosts, dest, config, table, log,
+                        queue_id=env.id)
+
+
+def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResult:
+    """Attempt every pending recipient of one message now; bounce and remove it once no
+    recipient is left to try."""
+    with spool.locked(qid) as claimed:
+        if claimed is None:
+            return RunResult(qid, [], claimed=False)
+        msg, env = claimed
+        states = spool.states(env)
+        pending = [r for r in env.recipients if states[r].status in ("pending", "deferred")]
+        plan = route.plan(pending, config)
+        outcomes: list[Outcome] = []
+        expired = time.time() - env.created > config.lifetime
+
+        def done(results: Sequence[Outcome]) -> None:
+            for o in results:
+                if o.status == "deferred" and expired:
+                    o = Outcome(o.recipient, "failed",
+                                f"gave up after {config.lifetime / 86400:g} days in the "
+                                f"queue; last error: {o.reply}", _permanent(o.dsn), o.relay)
+                spool.record(qid, o)
+                log.info(f"{qid}: to=<{o.recipient}> relay={o.relay or 'none'} "
+                         f"status={o.status} ({o.reply})")
+                outcomes.append(o)
+
+        if plan.remote:
+            workers = max(1, min(config.max_parallel, len(plan.remote)))
+            with ThreadPoolExecutor(workers) as pool:
+                futures = [pool.submit(_remote, msg, env, d, config, log) for d in plan.remote]
+                # Local deliveries run meanwhile in this thread; results are journalled as
+                # soon as each is known (only this thread writes the journal).
+                _deliver_local(msg, env, plan.local, config, done)
+                for f in as_completed(futures):
+                    done(f.result())
+        else:
+            _deliver_local(msg, env, plan.local, config, done)
+        _finish(spool, msg, env, config, log)
+        return RunResult(qid, outcomes)
+
+
+def _permanent(dsn: str) -> str:
+    return "5" + dsn[1:] if dsn[:1] == "4" else (dsn or "5.4.7")
+
+
+def _finish(spool: Spool, msg: _core.MessageFile, env: Envelope, config: Config,
+            log: Log) -> None:
+    """Remove the message when nobody is left to try, after its bounce is safely spooled
+    (never before: if the bounce cannot be spooled, the message stays and we try again)."""
+    states = spool.states(env)
+    if any(s.status not in ("delivered", "failed") for s in states.values()):
+        return
+    failed = [s for s in states.values() if s.status == "failed"]
+    if failed:
+        if env.notice == bounce.NOTICE_POSTMASTER:
+            log.error(f"{env.id}: undeliverable notice to the postmaster dropped "
+                      f"({failed[0].reply})")
+        else:
+            try:
+                bid = bounce.send(env, msg, failed, config)
+            except (DmaError, OSError) as e:
+                log.error(f"{env.id}: cannot spool the bounce ({e}); message kept")
+                return
+            log.info(f"{env.id}: bounced to <{env.sender or bounce.POSTMASTER}> as {bid}")
+    spool.remove(env.id)
+
+
+def _deliver_local(msg: _core.MessageFile, env: Envelope, users: Sequence[str], config: Config,
+                   done: Callable[[Sequence[Outcome]], None]) -> None:
+    if not users:
+        return
+    from dma import local
+
+    for user in users:
+        done([local.deliver(msg, env.sender, user, config, now=time.time())])
+
+
+def run_queue(spool: Spool, config: Config, log: Log,
+              ids: Sequence[str] | None = None) -> list[RunResult]:
+    """Run the given messages (default: every queued message) now."""
+    spool.clean_debris()
+    return [deliver_message(spool, qid, config, log) for qid in (ids or spool.ids())]

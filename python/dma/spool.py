@@ -1,0 +1,292 @@
+"""The on-disk queue: ids, directories, the commit of new messages, envelopes, the delivery
+journal, per-message locks, and the read-only listing behind ``mailq``.
+
+Layout and crash behaviour are described in docs/internals.md.  In short:
+
+* ``tmp/ID``      a message being written; a crash leaves only this debris, which
+                  :meth:`Spool.clean_debris` removes once it is an hour old.
+* ``queue/ID``    a committed message (message bytes, envelope, footer), written by
+                  ``_core.SpoolWriter.commit`` with fsync + no-replace rename + directory fsync.
+* ``journal/ID``  one JSON line per delivery result, appended with one ``write``; a crash
+                  loses at most the lines of deliveries in flight (a possible duplicate,
+                  never a loss).
+
+Only this module knows the paths; everything above it speaks queue ids.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from dma import _core
+from dma.errors import SpoolCorrupt, SpoolError, SpoolFullError
+from dma.outcome import Outcome
+
+ENVELOPE_VERSION = 1
+DEBRIS_AGE = 3600.0
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@dataclass(frozen=True)
+class Envelope:
+    id: str
+    sender: str
+    """The envelope sender; "" is the null sender of bounces."""
+    recipients: tuple[str, ...]
+    """Local user names (no ``@``) and remote addresses, after alias expansion."""
+    created: float
+    uid: int
+    user: str
+    size: int = 0
+    eight_bit: bool = False
+    notice: str = ""
+    """"bounce" or "postmaster" for delivery notices dma generated itself."""
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "v": ENVELOPE_VERSION, "id": self.id, "sender": self.sender,
+            "recipients": list(self.recipients), "created": self.created,
+            "uid": self.uid, "user": self.user, "size": self.size, "8bit": self.eight_bit,
+        }
+        if self.notice:
+            doc["notice"] = self.notice
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: str) -> Envelope:
+        try:
+            doc = json.loads(data)
+            if doc.get("v") != ENVELOPE_VERSION:
+                raise SpoolCorrupt(f"{path}: envelope version {doc.get('v')!r} is not supported")
+            return cls(
+                id=str(doc["id"]), sender=str(doc["sender"]),
+                recipients=tuple(str(r) for r in doc["recipients"]),
+                created=float(doc["created"]), uid=int(doc["uid"]), user=str(doc["user"]),
+                size=int(doc.get("size", 0)), eight_bit=bool(doc.get("8bit", False)),
+                notice=str(doc.get("notice", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SpoolCorrupt(f"{path}: unreadable envelope ({e})") from None
+
+
+@dataclass
+class RecipientState:
+    recipient: str
+    status: str = "pending"
+    """pending, delivered, deferred or failed."""
+    attempts: int = 0
+    reply: str = ""
+    dsn: str = ""
+    relay: str = ""
+    last_attempt: float | None = None
+
+
+@dataclass
+class QueueEntry:
+    """What ``mailq`` shows of one message; read without locks."""
+
+    id: str
+    envelope: Envelope | None
+    size: int
+    mtime: float
+    states: dict[str, RecipientState] = field(default_factory=dict)
+    error: str = ""
+    """Set when the queue file could not be read (corrupt, vanished)."""
+
+
+def new_id(now: float | None = None) -> str:
+    """Time-ordered, unique ids: microseconds since the epoch + 20 random bits."""
+    t = int((time.time() if now is None else now) * 1_000_000)
+    return f"{t:013X}{int.from_bytes(os.urandom(3), 'big') & 0xFFFFF:05X}"
+
+
+def _valid_id(qid: str) -> bool:
+    return 0 < len(qid) <= 64 and qid.isalnum() and qid.isascii()
+
+
+class Spool:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.tmp_dir = os.path.join(root, "tmp")
+        self.queue_dir = os.path.join(root, "queue")
+        self.journal_dir = os.path.join(root, "journal")
+
+    # -- writing -----------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the spool directories if missing (mode 0700: the spool holds others' mail)."""
+        for d in (self.root, self.tmp_dir, self.queue_dir, self.journal_dir):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise spool_error(e, f"cannot create spool directory {d}") from None
+
+    def new_writer(self, fd: int, *, dot_ends: bool) -> tuple[str, _core.SpoolWriter]:
+        """A fresh queue id and a writer streaming the input on ``fd`` into ``tmp/ID``."""
+        self.ensure()
+        for _ in range(8):
+            qid = new_id()
+            try:
+                return qid, _core.SpoolWriter(os.path.join(self.tmp_dir, qid), fd, dot_ends)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise spool_error(e, f"cannot create a spool file in {self.tmp_dir}") from None
+        raise SpoolError(f"cannot find a free queue id in {self.tmp_dir}")
+
+    def commit(self, writer: _core.SpoolWriter, envelope: Envelope) -> None:
+        """Make the message durable under its id; after this returns it survives a crash."""
+        try:
+            writer.commit(envelope.to_bytes(), os.path.join(self.queue_dir, envelope.id))
+        except OSError as e:
+            writer.abort()
+            raise spool_error(e, "cannot commit the message to the spool") from None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.queue_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _valid_id(n))
+
+    def path(self, qid: str) -> str:
+        if not _valid_id(qid):
+            raise SpoolError(f"invalid queue id {qid!r}")
+        return os.path.join(self.queue_dir, qid)
+
+    def open(self, qid: str) -> tuple[_core.MessageFile, Envelope]:
+        msg = _core.MessageFile(self.path(qid))
+        return msg, Envelope.from_bytes(msg.envelope(), msg.path)
+
+    def states(self, envelope: Envelope) -> dict[str, RecipientState]:
+        """Each recipient's latest state from the journal (pending when it has no line)."""
+        states = {r: RecipientState(r) for r in envelope.recipients}
+        try:
+            with open(os.path.join(self.journal_dir, envelope.id), "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return states
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                st = states[rec["rcpt"]]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash, or a foreign recipient
+            st.status = str(rec.get("status", "pending"))
+            st.attempts += 1
+            st.reply = str(rec.get("reply", ""))
+            st.dsn = str(rec.get("dsn", ""))
+            st.relay = str(rec.get("relay", ""))
+            st.last_attempt = float(rec.get("t", 0.0))
+        return states
+
+    def record(self, qid: str, outcome: Outcome, *, now: float | None = None) -> None:
+        """Append one delivery result to the message's journal (one write, O_APPEND)."""
+        line = json.dumps({
+            "t": time.time() if now is None else now, "rcpt": outcome.recipient,
+            "status": outcome.status, "reply": outcome.reply, "dsn": outcome.dsn,
+            "relay": outcome.relay,
+        }, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        fd = os.open(os.path.join(self.journal_dir, qid),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def locked(self, qid: str) -> Iterator[tuple[_core.MessageFile, Envelope] | None]:
+        """Claim a message for delivery: yields it, or None when another runner holds it
+        (or it vanished because that runner finished it)."""
+        try:
+            msg, env = self.open(qid)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(msg.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            # The message may have been finished and removed while we waited for the lock.
+            if not os.path.exists(msg.path):
+                yield None
+                return
+            yield msg, env
+        finally:
+            msg.close()
+
+    def remove(self, qid: str) -> None:
+        """Remove a finished message: queue file first, so a crash leaves at most an orphan
+        journal (cleaned by :meth:`clean_debris`), never a message without its journal."""
+        for path in (self.path(qid), os.path.join(self.journal_dir, qid)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def clean_debris(self, now: float | None = None) -> int:
+        """Remove temp files older than an hour and journals without a message."""
+        now = time.time() if now is None else now
+        removed = 0
+        queued = set(self.ids())
+        for d, keep in ((self.tmp_dir, None), (self.journal_dir, queued)):
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                p = os.path.join(d, name)
+                try:
+                    if keep is None:
+                        if now - os.lstat(p).st_mtime < DEBRIS_AGE:
+                            continue
+                    elif name in keep:
+                        continue
+                    os.unlink(p)
+                    removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    def listing(self) -> list[QueueEntry]:
+        """Every queued message with its recipients' states; no locks, no side effects."""
+        entries = []
+        for qid in self.ids():
+            path = os.path.join(self.queue_dir, qid)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            try:
+                msg, env = self.open(qid)
+            except FileNotFoundError:
+                continue
+            except (SpoolCorrupt, OSError) as e:
+                entries.append(QueueEntry(qid, None, st.st_size, st.st_mtime, error=str(e)))
+                continue
+            size = msg.size
+            msg.close()
+            entries.append(QueueEntry(qid, env, size, st.st_mtime, self.states(env)))
+        return entries
+
+
+def spool_error(e: OSError, what: str) -> SpoolError:
+    reason = e.strerror or str(e)
+    if e.errno in _FULL_ERRNOS:
+        return SpoolFullError(f"{what}: the spool is full ({reason}); "
+                              "the message was not accepted, try again later")
+    where = f" ({e.filename})" if e.filename else ""
+    return SpoolError(f"{what}: {reason}{where}")

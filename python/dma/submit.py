@@ -1,0 +1,215 @@
+"""Submission: from an input stream and a request to a committed queue file.
+
+Order matters for callers: command-line recipients are checked before the input is read (a
+typo fails at once, as in C dma); the message is then streamed into the spool, its head
+rewritten on the way; ``-t`` recipients come from that head; the envelope is committed last.
+Nothing is left in the spool unless the commit succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dma import __version__, message
+from dma.address import Address, parse_header_addresses, parse_mailbox
+from dma.aliases import Aliases
+from dma.config import Config
+from dma.errors import AddressError, NoRecipientsError, UnknownUserError
+from dma.spool import Envelope, Spool, spool_error
+
+HEAD_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller asked for (sendmail flags or ``dma.send`` arguments)."""
+
+    recipients: Sequence[str] = ()
+    sender: str | None = None
+    """``-f``/``-r``; None means the default (``$EMAIL`` or the submitting user)."""
+    full_name: str = ""
+    """``-F``: used when dma has to add a ``From:`` header."""
+    from_headers: bool = False
+    """``-t``: also take recipients from To/Cc/Bcc."""
+    dot_ends: bool = True
+    """False with ``-i``/``-oi``: a lone ``.`` line is message text."""
+
+
+@dataclass(frozen=True)
+class Submitter:
+    """The local identity of the caller, from the real uid (never from a header)."""
+
+    user: str
+    uid: int
+    gecos: str = ""
+
+    @classmethod
+    def current(cls, env: Mapping[str, str] = os.environ) -> Submitter:
+        uid = os.getuid()
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            return cls(f"uid={uid}", uid)
+        # A login name from the environment is trusted only when it maps to our real uid.
+        for name in (env.get("LOGNAME"), env.get("USER")):
+            if name and name != pw.pw_name:
+                try:
+                    if pwd.getpwnam(name).pw_uid == uid:
+                        return cls(name, uid, pw.pw_gecos.split(",", 1)[0])
+                except KeyError:
+                    pass
+        return cls(pw.pw_name, uid, pw.pw_gecos.split(",", 1)[0])
+
+
+def envelope_sender(request: Request, submitter: Submitter, config: Config,
+                    env: Mapping[str, str]) -> str:
+    """C dma's set_from: -f/-r, else $EMAIL; empty user -> login name, empty host ->
+    MAILNAME; MASQUERADE overrides.  ``<>`` (or ``-f ''`` given as ``<>``) is the null
+    sender, as Postfix allows."""
+    given = request.sender if request.sender is not None else env.get("EMAIL", "")
+    given = given.strip()
+    if given == "<>":
+        return ""
+    if given.startswith("<") and given.endswith(">"):
+        given = given[1:-1]
+    user, _, host = given.rpartition("@") if "@" in given else (given, "", "")
+    if not user:
+        user = submitter.user
+    if not host:
+        host = config.mailname
+    if config.masquerade_user:
+        user = config.masquerade_user
+    if config.masquerade_host:
+        host = config.masquerade_host
+    return str(parse_mailbox(f"{user}@{host}", allow_local=False))
+
+
+class RecipientResolver:
+    """Turns what the caller wrote into envelope recipients: local names through the
+    aliases to existing users, remote addresses kept (IDNA-checked), NULLCLIENT qualifying
+    everything for the smarthost."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.local_domains = config.local_domains
+        self._aliases: Aliases | None = None
+
+    @property
+    def aliases(self) -> Aliases:
+        if self._aliases is None:
+            self._aliases = Aliases.load(self.config.aliases)
+        return self._aliases
+
+    def _local_name(self, addr: Address) -> str | None:
+        if addr.domain is None:
+            return addr.local
+        if addr.domain.lower() in self.local_domains:
+            return addr.local
+        return None
+
+    def resolve(self, addresses: Sequence[Address], out: list[str]) -> None:
+        """Appends final recipients to ``out`` (duplicates dropped, order kept)."""
+        seen = set(out)
+
+        def add(r: str) -> None:
+            if r not in seen:
+                seen.add(r)
+                out.append(r)
+
+        for addr in addresses:
+            local = self._local_name(addr)
+            if self.config.nullclient:
+                add(f"{local}@{self.config.mailname}" if local is not None else str(addr))
+                continue
+            if local is None:
+                add(str(addr))
+                continue
+            for r in self._expand_local(local):
+                add(r)
+
+    def _expand_local(self, name: str) -> list[str]:
+        """A local name through the aliases to existing users and remote addresses.  A
+        target ``user@<this host>`` is taken as the local user, without a second pass
+        through the aliases (which could loop)."""
+        final: list[str] = []
+        for target in self.aliases.expand(name, self.local_domains):
+            if "@" in target:
+                addr = parse_mailbox(target)
+                local = self._local_name(addr)
+                if local is None:
+                    final.append(str(addr))
+                    continue
+                target = local
+            _require_user(target, name)
+            final.append(target)
+        return final
+
+
+def _require_user(user: str, asked: str) -> None:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        via = "" if user == asked else f" (via alias {asked!r})"
+        raise UnknownUserError(f"invalid recipient {user!r}{via}: no such user") from None
+
+
+def _split_arguments(args: Sequence[str]) -> list[Address]:
+    """Command-line recipients; an argument may hold a comma-separated list."""
+    result = []
+    for arg in args:
+        parts = [arg]
+        if "," in arg and '"' not in arg:
+            parts = [p for p in arg.split(",") if p.strip()]
+        for part in parts:
+            result.append(parse_mailbox(part.strip()))
+    return result
+
+
+def submit(fd: int, request: Request, config: Config, *, submitter: Submitter | None = None,
+           env: Mapping[str, str] = os.environ, notice: str = "") -> str:
+    """Read a message from ``fd`` and commit it to the spool; returns its queue id.
+
+    Raises a :class:`dma.errors.DmaError` subclass on anything the caller must hear about;
+    nothing is spooled in that case.
+    """
+    submitter = submitter or Submitter.current(env)
+    sender = envelope_sender(request, submitter, config, env)
+    resolver = RecipientResolver(config)
+    recipients: list[str] = []
+    resolver.resolve(_split_arguments(request.recipients), recipients)
+    if not recipients and not request.from_headers:
+        raise NoRecipientsError("no recipients given on the command line")
+
+    spool = Spool(config.spooldir)
+    qid, writer = spool.new_writer(fd, dot_ends=request.dot_ends)
+    try:
+        head = message.parse_head(writer.read_head(HEAD_LIMIT))
+        if request.from_headers:
+            for value in message.header_recipients(head):
+                try:
+                    addrs = parse_header_addresses(value)
+                except AddressError as e:
+                    raise AddressError(f"invalid address in header: {e}") from None
+                resolver.resolve(addrs, recipients)
+            if not recipients:
+                raise NoRecipientsError("no recipients in the To/Cc/Bcc headers")
+        now = time.time()
+        ident = message.Identity(sender=sender, user=submitter.user, uid=submitter.uid,
+                                 full_name=request.full_name or submitter.gecos,
+                                 mailname=config.mailname, version=__version__)
+        writer.write_head(message.rewrite(head, ident, qid, now))
+        writer.stream_rest()
+        envelope = Envelope(id=qid, sender=sender, recipients=tuple(recipients), created=now,
+                            uid=submitter.uid, user=submitter.user, size=writer.size,
+                            eight_bit=writer.eight_bit, notice=notice)
+        spool.commit(writer, envelope)
+    except BaseException as e:
+        writer.abort()
+        if isinstance(e, OSError):
+            raise spool_error(e, "cannot write the message to the spool") from None
+        raise
+    return qid

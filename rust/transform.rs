@@ -1,0 +1,1091 @@
+//! Streaming byte transforms. Every transform carries its state across chunk boundaries, so its
+//! output never depends on how the input was cut into chunks.
+//!
+//! Output side (`Transform`, stored message -> wire or mailbox):
+//! - `raw`: the stored bytes.
+//! - `crlf`: LF -> CRLF; a CR that is not part of a line end is left alone; no terminator.
+//! - `smtp`: LF -> CRLF, a line starting with "." gets one more "." (RFC 5321 4.5.2), then the
+//!   terminator: ".\r\n" for an empty message or one ending in LF, else "\r\n.\r\n".
+//! - `mbox`: mboxrd: a line matching `^>*From ` gets one more ">"; a missing final LF is added
+//!   (not to an empty message); then one empty line ("\n") ends the entry.
+//!
+//! Input side (`Normalizer`, submitted bytes -> stored message): CRLF -> LF (a bare CR is kept),
+//! and, when `dot_ends`, a line that is exactly "." (".\n", ".\r\n", or "." at EOF) ends input.
+//!
+//! The hot loops find line ends with `memchr` and copy whole runs with `extend_from_slice`:
+//! no per-byte branches on ordinary text and no allocation per line.
+
+use crate::error::{CoreError, Result};
+use memchr::{memchr, memchr_iter};
+
+/// The output transforms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Raw,
+    Crlf,
+    Smtp,
+    Mbox,
+}
+
+impl Kind {
+    pub const NAMES: [&'static str; 4] = ["raw", "crlf", "smtp", "mbox"];
+
+    pub fn parse(name: &str) -> Result<Kind> {
+        match name {
+            "raw" => Ok(Kind::Raw),
+            "crlf" => Ok(Kind::Crlf),
+            "smtp" => Ok(Kind::Smtp),
+            "mbox" => Ok(Kind::Mbox),
+            _ => Err(CoreError::usage(format!(
+                "unknown kind {name:?}: expected one of raw, crlf, smtp, mbox"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Raw => "raw",
+            Kind::Crlf => "crlf",
+            Kind::Smtp => "smtp",
+            Kind::Mbox => "mbox",
+        }
+    }
+}
+
+const FROM: &[u8; 5] = b"From ";
+
+/// A streaming output transform: `feed` chunks in order, then `finish` once.
+#[derive(Clone, Debug)]
+pub struct Transform {
+    kind: Kind,
+    /// The next input byte starts a line.
+    at_line_start: bool,
+    /// Some input has been seen (or the transform resumed after offset 0).
+    any: bool,
+    /// The last input byte seen.
+    last: u8,
+    /// mbox: at a line start, matching `>*From `. The bytes matched so far (`gt` ">" then the
+    /// first `from` bytes of "From ") are held back until the match succeeds or fails.
+    in_prefix: bool,
+    gt: u64,
+    from: usize,
+    finished: bool,
+}
+
+impl Transform {
+    /// A transform for a whole message, from its first byte.
+    pub fn new(kind: Kind) -> Transform {
+        Transform::resume(kind, None)
+    }
+
+    /// A transform that starts at some offset of the message; `prev` is the byte just before
+    /// it (None at offset 0). That byte tells whether the offset is at a line start; an mbox
+    /// or smtp insertion belongs before the line's first byte, so a resumed mid-line transform
+    /// has nothing to insert until the next line.
+    pub fn resume(kind: Kind, prev: Option<u8>) -> Transform {
+        let at_line_start = prev.is_none_or(|b| b == b'\n');
+        Transform {
+            kind,
+            at_line_start,
+            any: prev.is_some(),
+            last: prev.unwrap_or(0),
+            in_prefix: kind == Kind::Mbox && at_line_start,
+            gt: 0,
+            from: 0,
+            finished: false,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Input bytes fed but not yet reflected in the output (mbox holds back a possible
+    /// `>*From ` prefix). The source position whose output is complete is
+    /// `consumed - held()`, always a line start when non-zero.
+    pub fn held(&self) -> u64 {
+        if self.in_prefix {
+            self.gt + self.from as u64
+        } else {
+            0
+        }
+    }
+
+    /// Transform `input`, appending to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        debug_assert!(!self.finished, "feed after finish");
+        let Some(&last) = input.last() else { return };
+        match self.kind {
+            Kind::Raw => out.extend_from_slice(input),
+            Kind::Crlf => self.feed_crlf(input, out, false),
+            Kind::Smtp => self.feed_crlf(input, out, true),
+            Kind::Mbox => self.feed_mbox(input, out),
+        }
+        self.any = true;
+        self.last = last;
+    }
+
+    /// End of input: flush what is held back and add the terminator of the kind.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        match self.kind {
+            Kind::Raw | Kind::Crlf => {}
+            Kind::Smtp => {
+                if self.any && self.last != b'\n' {
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b".\r\n");
+            }
+            Kind::Mbox => {
+                if self.in_prefix {
+                    self.flush_prefix(false, out);
+                }
+                if self.any && self.last != b'\n' {
+                    out.push(b'\n');
+                }
+                out.push(b'\n');
+            }
+        }
+    }
+
+    /// LF -> CRLF, and with `stuff` a "." at a line start is doubled.
+    ///
+    /// This is the hottest loop of delivery, so it writes into reserved capacity through raw
+    /// pointers, and copies short lines in 16-byte blocks that may run past the line end
+    /// (never past the input or the reserved output; later writes overwrite the excess).
+    fn feed_crlf(&mut self, input: &[u8], out: &mut Vec<u8>, stuff: bool) {
+        const BLOCK: usize = 16;
+        const SLACK: usize = 2 * BLOCK;
+        let len = input.len();
+        // Every input byte becomes at most two output bytes ("\n" -> "\r\n", "." -> "..").
+        out.reserve(2 * len + SLACK);
+        let mut at_start = self.at_line_start;
+        let src = input.as_ptr();
+        let base = out.len();
+        // SAFETY: `out` has at least 2 * len + SLACK bytes of spare capacity. The output
+        // written for input[..p] is at most 2 * p bytes, so every write below, including a
+        // block copy overrunning a line by up to BLOCK - 1 bytes, stays below
+        // base + 2 * len + SLACK. Block copies read input[pos..pos + k * BLOCK] only when
+        // that range ends before `len` (checked), other copies read exactly the line. The
+        // regions never overlap (distinct allocations). `set_len` covers only bytes written
+        // in order, each at most once past what a later write overwrites.
+        unsafe {
+            let start = out.as_mut_ptr().add(base);
+            let mut dst = start;
+            let mut pos = 0usize;
+            let copy = |dst: *mut u8, from: usize, to: usize| {
+                let n = to - from;
+                if to + BLOCK <= len {
+                    let mut i = 0;
+                    while i < n {
+                        std::ptr::copy_nonoverlapping(src.add(from + i), dst.add(i), BLOCK);
+                        i += BLOCK;
+                    }
+                } else {
+                    std::ptr::copy_nonoverlapping(src.add(from), dst, n);
+                }
+            };
+            for nl in memchr_iter(b'\n', input) {
+                if stuff && at_start && *src.add(pos) == b'.' {
+                    *dst = b'.';
+                    dst = dst.add(1);
+                }
+                copy(dst, pos, nl);
+                dst = dst.add(nl - pos);
+                *dst = b'\r';
+                *dst.add(1) = b'\n';
+                dst = dst.add(2);
+                pos = nl + 1;
+                at_start = true;
+            }
+            if pos < len {
+                if stuff && at_start && *src.add(pos) == b'.' {
+                    *dst = b'.';
+                    dst = dst.add(1);
+                }
+                std::ptr::copy_nonoverlapping(src.add(pos), dst, len - pos);
+                dst = dst.add(len - pos);
+                at_start = false;
+            }
+            let written = dst.offset_from(start) as usize;
+            debug_assert!(written <= 2 * len);
+            out.set_len(base + written);
+        }
+        self.at_line_start = at_start;
+    }
+
+    /// Emit the held prefix: one extra ">" if it matched, then the ">"s and "From" bytes seen.
+    fn flush_prefix(&mut self, matched: bool, out: &mut Vec<u8>) {
+        let n = self.gt as usize + usize::from(matched);
+        out.resize(out.len() + n, b'>');
+        out.extend_from_slice(&FROM[..self.from]);
+        self.in_prefix = false;
+        self.gt = 0;
+        self.from = 0;
+    }
+
+    /// mboxrd escaping. Runs of lines that cannot match are copied whole; only a line starting
+    /// with ">" or "F" is looked at byte by byte, and only for its prefix.
+    fn feed_mbox(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.reserve(input.len() + 16);
+        let len = input.len();
+        let mut pos = 0;
+        loop {
+            if self.in_prefix {
+                // Continue matching `>*From ` at the current line start.
+                let mut decided = None;
+                while pos < len {
+                    let b = input[pos];
+                    if self.from == 0 && b == b'>' {
+                        self.gt += 1;
+                        pos += 1;
+                    } else if b == FROM[self.from] {
+                        self.from += 1;
+                        pos += 1;
+                        if self.from == FROM.len() {
+                            decided = Some(true);
+                            break;
+                        }
+                    } else {
+                        decided = Some(false);
+                        break;
+                    }
+                }
+                match decided {
+                    None => return, // chunk ended inside the prefix: hold it
+                    Some(matched) => self.flush_prefix(matched, out),
+                }
+                // The byte at `pos` (if any) continues the line; a mismatching "\n" is a line
+                // end and is handled by the scan below like any other.
+            }
+            // Find the next line start that could begin a `>*From ` line.
+            let run_start = pos;
+            let mut next = None;
+            for nl in memchr_iter(b'\n', &input[pos..]) {
+                let ls = pos + nl + 1;
+                if ls == len || input[ls] == b'>' || input[ls] == b'F' {
+                    next = Some(ls);
+                    break;
+                }
+            }
+            match next {
+                Some(ls) => {
+                    out.extend_from_slice(&input[run_start..ls]);
+                    pos = ls;
+                    self.in_prefix = true;
+                    self.at_line_start = true;
+                    if ls == len {
+                        return;
+                    }
+                }
+                None => {
+                    out.extend_from_slice(&input[run_start..]);
+                    self.at_line_start = false;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Apply a transform to a whole buffer.
+pub fn transform_all(kind: Kind, input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 16 + 8);
+    let mut t = Transform::new(kind);
+    t.feed(input, &mut out);
+    t.finish(&mut out);
+    out
+}
+
+/// What a line start holding "." means for `dot_ends`.
+enum Dot {
+    No,
+    /// The lone-dot line, `n` input bytes long: input ends.
+    End(usize),
+    /// Cannot tell before more input arrives.
+    Undecided,
+}
+
+fn dot_line(rest: &[u8], eof: bool) -> Dot {
+    if rest.first() != Some(&b'.') {
+        return Dot::No;
+    }
+    match rest.get(1) {
+        None if eof => Dot::End(1),
+        None => Dot::Undecided,
+        Some(b'\n') => Dot::End(2),
+        Some(b'\r') => match rest.get(2) {
+            Some(b'\n') => Dot::End(3),
+            None if !eof => Dot::Undecided,
+            _ => Dot::No, // ".\r" then more text, or ".\r" at EOF: ordinary data
+        },
+        Some(_) => Dot::No,
+    }
+}
+
+/// Normalises submitted input: CRLF -> LF, and the lone-dot end of input when `dot_ends`.
+///
+/// `feed` and `feed_head` consume a prefix of the input they are given and return its length;
+/// the rest (at most the 2 bytes of a possible ".\r" or a CR whose LF has not arrived, or for
+/// `feed_head` a line not yet complete) must be presented again with more input after it, or
+/// with `eof` set when there is no more.
+#[derive(Clone, Debug)]
+pub struct Normalizer {
+    dot_ends: bool,
+    at_line_start: bool,
+    finished: bool,
+}
+
+impl Normalizer {
+    pub fn new(dot_ends: bool) -> Normalizer {
+        Normalizer {
+            dot_ends,
+            at_line_start: true,
+            finished: false,
+        }
+    }
+
+    /// Input has ended (EOF was processed or the lone-dot line was seen).
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Normalise `input` into `out`; returns the number of bytes consumed. Once finished,
+    /// everything offered is consumed and dropped (text after the lone dot is not message).
+    pub fn feed(&mut self, input: &[u8], eof: bool, out: &mut Vec<u8>) -> usize {
+        if self.finished {
+            return input.len();
+        }
+        out.reserve(input.len());
+        let mut pos = 0;
+        while pos < input.len() {
+            let rest = &input[pos..];
+            if self.dot_ends && self.at_line_start {
+                match dot_line(rest, eof) {
+                    Dot::End(n) => {
+                        self.finished = true;
+                        return pos + n;
+                    }
+                    Dot::Undecided => return pos,
+                    Dot::No => {}
+                }
+            }
+            if !self.dot_ends {
+                // Nothing happens at line starts: only CRs matter.
+                match memchr(b'\r', rest) {
+                    None => {
+                        out.extend_from_slice(rest);
+                        self.at_line_start = rest.last() == Some(&b'\n');
+                        pos = input.len();
+                    }
+                    Some(i) if i + 1 < rest.len() => {
+                        if rest[i + 1] == b'\n' {
+                            out.extend_from_slice(&rest[..i]);
+                            out.push(b'\n');
+                            pos += i + 2;
+                            self.at_line_start = true;
+                        } else {
+                            out.extend_from_slice(&rest[..=i]);
+                            pos += i + 1;
+                            self.at_line_start = false;
+                        }
+                    }
+                    Some(i) => {
+                        // A CR ends the input we have: keep it unless this is the end.
+                        let n = if eof { i + 1 } else { i };
+                        out.extend_from_slice(&rest[..n]);
+                        if n > 0 {
+                            self.at_line_start = rest[n - 1] == b'\n';
+                        }
+                        pos += n;
+                        if !eof {
+                            return pos;
+                        }
+                    }
+                }
+                continue;
+            }
+            match memchr(b'\n', rest) {
+                Some(i) => {
+                    if i > 0 && rest[i - 1] == b'\r' {
+                        out.extend_from_slice(&rest[..i - 1]);
+                        out.push(b'\n');
+                    } else {
+                        out.extend_from_slice(&rest[..=i]);
+                    }
+                    pos += i + 1;
+                    self.at_line_start = true;
+                }
+                None => {
+                    let mut n = rest.len();
+                    if !eof && rest[n - 1] == b'\r' {
+                        n -= 1; // its LF may be in the next read
+                    }
+                    if n > 0 {
+                        out.extend_from_slice(&rest[..n]);
+                        self.at_line_start = false;
+                    }
+                    pos += n;
+                    if !eof {
+                        return pos;
+                    }
+                }
+            }
+        }
+        if eof {
+            self.finished = true;
+        }
+        pos
+    }
+
+    /// Read the head: whole normalised lines up to and including the first empty line, or the
+    /// lone-dot line (consumed, not included), or EOF, or `limit` output bytes (cut after the
+    /// last complete line that fits; a first line longer than `limit` is cut at exactly
+    /// `limit`). Returns (consumed, done). When not done, call again with more input.
+    pub fn feed_head(
+        &mut self,
+        input: &[u8],
+        eof: bool,
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> (usize, bool) {
+        let mut pos = 0;
+        loop {
+            if self.finished || out.len() >= limit {
+                return (pos, true);
+            }
+            let rest = &input[pos..];
+            if rest.is_empty() {
+                if eof {
+                    self.finished = true;
+                    return (pos, true);
+                }
+                return (pos, false);
+            }
+            if self.dot_ends && self.at_line_start {
+                match dot_line(rest, eof) {
+                    Dot::End(n) => {
+                        self.finished = true;
+                        return (pos + n, true);
+                    }
+                    Dot::Undecided => return (pos, false),
+                    Dot::No => {}
+                }
+            }
+            let room = limit - out.len();
+            match memchr(b'\n', rest) {
+                Some(i) => {
+                    let crlf = i > 0 && rest[i - 1] == b'\r';
+                    let norm_len = if crlf { i } else { i + 1 };
+                    if norm_len > room {
+                        return (pos + self.cut(rest, out, room), true);
+                    }
+                    let empty = self.at_line_start && norm_len == 1;
+                    if crlf {
+                        out.extend_from_slice(&rest[..i - 1]);
+                        out.push(b'\n');
+                    } else {
+                        out.extend_from_slice(&rest[..=i]);
+                    }
+                    pos += i + 1;
+                    self.at_line_start = true;
+                    if empty {
+                        return (pos, true);
+                    }
+                }
+                None if eof => {
+                    if rest.len() > room {
+                        return (pos + self.cut(rest, out, room), true);
+                    }
+                    out.extend_from_slice(rest);
+                    self.at_line_start = false;
+                    self.finished = true;
+                    return (input.len(), true);
+                }
+                None => {
+                    // At least this long once normalised (a final CR may be half a CRLF).
+                    let known = rest.len() - usize::from(rest.last() == Some(&b'\r'));
+                    if known > room {
+                        return (pos + self.cut(rest, out, room), true);
+                    }
+                    return (pos, false);
+                }
+            }
+        }
+    }
+
+    /// The line at `rest` does not fit in `room`. Stop before it if a line is already in the
+    /// head; else take exactly `room` bytes of it (they hold no line end). Returns consumed.
+    fn cut(&mut self, rest: &[u8], out: &mut Vec<u8>, room: usize) -> usize {
+        if !out.is_empty() {
+            return 0;
+        }
+        out.extend_from_slice(&rest[..room]);
+        if room > 0 {
+            self.at_line_start = false;
+        }
+        room
+    }
+}
+
+/// Running statistics of message bytes: size, CRC-32, 8-bit content, longest line.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    size: u64,
+    eight_bit: bool,
+    max_line: u64,
+    cur_line: u64,
+    crc: crc32fast::Hasher,
+}
+
+fn has_8bit(data: &[u8]) -> bool {
+    // OR-fold in blocks: vectorises, unlike a short-circuiting `any`.
+    data.chunks(256)
+        .any(|c| c.iter().fold(0u8, |a, &b| a | b) & 0x80 != 0)
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        Stats::default()
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.size += data.len() as u64;
+        self.crc.update(data);
+        if !self.eight_bit {
+            self.eight_bit = has_8bit(data);
+        }
+        let mut start = 0usize;
+        let mut cur = self.cur_line;
+        let mut max = self.max_line;
+        for nl in memchr_iter(b'\n', data) {
+            max = max.max(cur + (nl - start) as u64);
+            cur = 0;
+            start = nl + 1;
+        }
+        cur += (data.len() - start) as u64;
+        self.cur_line = cur;
+        self.max_line = max.max(cur);
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn eight_bit(&self) -> bool {
+        self.eight_bit
+    }
+    pub fn max_line(&self) -> u64 {
+        self.max_line
+    }
+    pub fn crc32(&self) -> u32 {
+        self.crc.clone().finalize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNKS: [usize; 6] = [1, 2, 3, 7, 64, 1 << 20];
+
+    fn run_chunked(kind: Kind, input: &[u8], chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut t = Transform::new(kind);
+        for c in input.chunks(chunk) {
+            t.feed(c, &mut out);
+        }
+        t.finish(&mut out);
+        out
+    }
+
+    /// The transform of `input` for every chunk size; all must agree.
+    fn tr(kind: Kind, input: &[u8]) -> Vec<u8> {
+        let whole = transform_all(kind, input);
+        for c in CHUNKS {
+            assert_eq!(
+                run_chunked(kind, input, c),
+                whole,
+                "kind {kind:?} chunk {c} input {:?}",
+                String::from_utf8_lossy(&input[..input.len().min(200)])
+            );
+        }
+        whole
+    }
+
+    /// A simple, obviously correct model of each transform, line by line.
+    fn model(kind: Kind, input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if kind == Kind::Raw {
+            return input.to_vec();
+        }
+        let mut lines: Vec<&[u8]> = input.split_inclusive(|&b| b == b'\n').collect();
+        if input.is_empty() {
+            lines.clear();
+        }
+        for line in &lines {
+            let (body, nl) = match line.strip_suffix(b"\n") {
+                Some(b) => (b, true),
+                None => (*line, false),
+            };
+            match kind {
+                Kind::Crlf | Kind::Smtp => {
+                    if kind == Kind::Smtp && body.first() == Some(&b'.') {
+                        out.push(b'.');
+                    }
+                    out.extend_from_slice(body);
+                    if nl {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
+                Kind::Mbox => {
+                    let gts = body.iter().take_while(|&&b| b == b'>').count();
+                    if body[gts..].starts_with(b"From ") {
+                        out.push(b'>');
+                    }
+                    out.extend_from_slice(body);
+                    if nl {
+                        out.push(b'\n');
+                    }
+                }
+                Kind::Raw => unreachable!(),
+            }
+        }
+        match kind {
+            Kind::Smtp => {
+                if !input.is_empty() && !input.ends_with(b"\n") {
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b".\r\n");
+            }
+            Kind::Mbox => {
+                if !input.is_empty() && !input.ends_with(b"\n") {
+                    out.push(b'\n');
+                }
+                out.push(b'\n');
+            }
+            _ => {}
+        }
+        out
+    }
+
+    fn all_kinds(input: &[u8]) {
+        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+            assert_eq!(tr(kind, input), model(kind, input), "kind {kind:?}");
+        }
+    }
+
+    #[test]
+    fn kinds_parse() {
+        for n in Kind::NAMES {
+            assert_eq!(Kind::parse(n).unwrap().name(), n);
+        }
+        assert!(matches!(Kind::parse("maildir"), Err(CoreError::Usage(_))));
+    }
+
+    #[test]
+    fn empty_message() {
+        assert_eq!(tr(Kind::Raw, b""), b"");
+        assert_eq!(tr(Kind::Crlf, b""), b"");
+        assert_eq!(tr(Kind::Smtp, b""), b".\r\n");
+        assert_eq!(tr(Kind::Mbox, b""), b"\n");
+    }
+
+    #[test]
+    fn smtp_basics() {
+        assert_eq!(tr(Kind::Smtp, b"a\nb\n"), b"a\r\nb\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b"a\nb"), b"a\r\nb\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b"no newline"), b"no newline\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b"\n"), b"\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b".\n"), b"..\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b"."), b"..\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b"..\n"), b"...\r\n.\r\n");
+        assert_eq!(
+            tr(Kind::Smtp, b"a\n.b\n..c\nd.e\n"),
+            b"a\r\n..b\r\n...c\r\nd.e\r\n.\r\n"
+        );
+        // a stored CR (from "\r\r\n" input) is data: untouched
+        assert_eq!(tr(Kind::Smtp, b"a\rb\r\n"), b"a\rb\r\r\n.\r\n");
+        assert_eq!(tr(Kind::Smtp, b"x\r"), b"x\r\r\n.\r\n");
+    }
+
+    #[test]
+    fn crlf_basics() {
+        assert_eq!(tr(Kind::Crlf, b"a\n\nb"), b"a\r\n\r\nb");
+        assert_eq!(tr(Kind::Crlf, b".x\n"), b".x\r\n");
+        assert_eq!(tr(Kind::Crlf, b"a\rb\n"), b"a\rb\r\n");
+    }
+
+    #[test]
+    fn mbox_basics() {
+        assert_eq!(tr(Kind::Mbox, b"From x\n"), b">From x\n\n");
+        assert_eq!(tr(Kind::Mbox, b">From x\n"), b">>From x\n\n");
+        assert_eq!(tr(Kind::Mbox, b">>From x\n"), b">>>From x\n\n");
+        assert_eq!(tr(Kind::Mbox, b"From\n"), b"From\n\n");
+        assert_eq!(tr(Kind::Mbox, b"Fromage\n"), b"Fromage\n\n");
+        assert_eq!(tr(Kind::Mbox, b">Frim x\n"), b">Frim x\n\n");
+        assert_eq!(tr(Kind::Mbox, b" From x\n"), b" From x\n\n");
+        assert_eq!(tr(Kind::Mbox, b"a From x\n"), b"a From x\n\n");
+        assert_eq!(tr(Kind::Mbox, b"abc"), b"abc\n\n");
+        assert_eq!(tr(Kind::Mbox, b">>>"), b">>>\n\n");
+        assert_eq!(tr(Kind::Mbox, b"From "), b">From \n\n");
+        assert_eq!(tr(Kind::Mbox, b"Fro"), b"Fro\n\n");
+        assert_eq!(
+            tr(Kind::Mbox, b"a\nFrom b\n>From c\nFromd\n>\n>>\nFrom "),
+            b"a\n>From b\n>>From c\nFromd\n>\n>>\n>From \n\n"
+        );
+    }
+
+    #[test]
+    fn nul_bytes_and_long_lines() {
+        let mut m = b"a\0b\n\0\n.\0\nFrom \0\n".to_vec();
+        m.extend(std::iter::repeat_n(b'x', 10_000));
+        m.push(b'\n');
+        m.extend(std::iter::repeat_n(b'>', 10_000));
+        m.extend_from_slice(b"From long\n");
+        m.extend(std::iter::repeat_n(b'.', 10_000));
+        all_kinds(&m);
+        let s = tr(Kind::Smtp, &m);
+        assert!(s.starts_with(b"a\0b\r\n\0\r\n..\0\r\n"));
+    }
+
+    #[test]
+    fn dot_and_crlf_at_every_boundary() {
+        // Chunk boundaries land inside "\r\n." and ".\n" for the chunk sizes used.
+        let m = b"a\r\n.\r\n..\n.\nb\r\n.x\n\r\n.";
+        all_kinds(m);
+    }
+
+    #[test]
+    fn generated_inputs_match_model() {
+        // Deterministic pseudo-random messages over an alphabet that hits every special case.
+        let alphabet: &[&[u8]] = &[
+            b"\n", b"\r", b".", b">", b"From ", b"From", b"F", b"x", b"\0", b"\xff", b"\r\n",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..400 {
+            let mut m = Vec::new();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let n = (seed % 40) as usize;
+            for _ in 0..n {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                m.extend_from_slice(alphabet[(seed % alphabet.len() as u64) as usize]);
+            }
+            all_kinds(&m);
+        }
+    }
+
+    #[test]
+    fn resume_mid_message() {
+        let m = b"From a\n.b\n>From c\nxy\nFrom ";
+        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+            let whole = transform_all(kind, m);
+            for off in 0..=m.len() {
+                // Line starts are resumable points; the output from there is the whole output's
+                // suffix for that line onwards.
+                if off == 0 || m[off - 1] == b'\n' {
+                    let mut out = Vec::new();
+                    let mut t = Transform::resume(kind, off.checked_sub(1).map(|i| m[i]));
+                    t.feed(&m[off..], &mut out);
+                    t.finish(&mut out);
+                    assert!(whole.ends_with(&out), "{kind:?} at {off}");
+                }
+            }
+        }
+        // Mid-line resume: nothing inserted for the rest of that line.
+        let mut out = Vec::new();
+        let mut t = Transform::resume(Kind::Mbox, Some(b'>'));
+        t.feed(b"From x\nFrom y\n", &mut out);
+        t.finish(&mut out);
+        assert_eq!(out, b"From x\n>From y\n\n");
+        let mut t = Transform::resume(Kind::Smtp, Some(b'a'));
+        let mut out = Vec::new();
+        t.feed(b".x", &mut out);
+        t.finish(&mut out);
+        assert_eq!(out, b".x\r\n.\r\n");
+        // Resumed at the very end.
+        let mut t = Transform::resume(Kind::Smtp, Some(b'\n'));
+        let mut out = Vec::new();
+        t.finish(&mut out);
+        assert_eq!(out, b".\r\n");
+    }
+
+    #[test]
+    fn held_prefix_is_counted() {
+        let mut t = Transform::new(Kind::Mbox);
+        let mut out = Vec::new();
+        t.feed(b"a\n>>Fr", &mut out);
+        assert_eq!(out, b"a\n");
+        assert_eq!(t.held(), 4);
+        t.feed(b"om x", &mut out);
+        assert_eq!(t.held(), 0);
+        assert_eq!(out, b"a\n>>>From x");
+    }
+
+    // ---- input normaliser ----
+
+    fn norm_chunked(dot_ends: bool, input: &[u8], chunk: usize) -> (Vec<u8>, usize) {
+        // Simulates the writer's buffer: unconsumed bytes are offered again with more input.
+        let mut n = Normalizer::new(dot_ends);
+        let mut out = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        let mut consumed_total = 0;
+        loop {
+            let eof = fed == input.len();
+            let c = n.feed(&buf, eof, &mut out);
+            consumed_total += c;
+            buf.drain(..c);
+            if n.finished() {
+                break;
+            }
+            assert!(!eof, "not finished at eof");
+            let take = chunk.min(input.len() - fed);
+            buf.extend_from_slice(&input[fed..fed + take]);
+            fed += take;
+        }
+        (out, consumed_total)
+    }
+
+    fn norm(dot_ends: bool, input: &[u8]) -> Vec<u8> {
+        let (whole, _) = norm_chunked(dot_ends, input, usize::MAX);
+        for c in CHUNKS {
+            assert_eq!(
+                norm_chunked(dot_ends, input, c).0,
+                whole,
+                "dot_ends {dot_ends} chunk {c} input {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        whole
+    }
+
+    #[test]
+    fn normalise_crlf() {
+        for d in [false, true] {
+            assert_eq!(norm(d, b"a\r\nb\r\n"), b"a\nb\n");
+            assert_eq!(norm(d, b"a\rb\r"), b"a\rb\r");
+            assert_eq!(norm(d, b"a\r\r\n"), b"a\r\n");
+            assert_eq!(norm(d, b"\r\n\r\n"), b"\n\n");
+            assert_eq!(norm(d, b"a\nb"), b"a\nb");
+            assert_eq!(norm(d, b""), b"");
+            assert_eq!(norm(d, b"\0\r\0\n"), b"\0\r\0\n");
+        }
+    }
+
+    #[test]
+    fn normalise_dot() {
+        assert_eq!(norm(true, b"a\n.\nb\n"), b"a\n");
+        assert_eq!(norm(true, b"a\r\n.\r\nb\n"), b"a\n");
+        assert_eq!(norm(true, b"a\n."), b"a\n");
+        assert_eq!(norm(true, b"."), b"");
+        assert_eq!(norm(true, b".\n"), b"");
+        assert_eq!(norm(true, b"a\n..\n"), b"a\n..\n");
+        assert_eq!(norm(true, b"a\n.x\n"), b"a\n.x\n");
+        assert_eq!(norm(true, b"a\n.\r"), b"a\n.\r");
+        assert_eq!(norm(true, b"a\n.\rx\n"), b"a\n.\rx\n");
+        assert_eq!(norm(true, b"a.\nb"), b"a.\nb");
+        assert_eq!(norm(false, b"a\n.\nb\n"), b"a\n.\nb\n");
+        assert_eq!(norm(false, b"a\r\n.\r\n"), b"a\n.\n");
+        // the terminator consumes exactly its line
+        let (_, consumed) = norm_chunked(true, b"a\n.\r\nrest", usize::MAX);
+        assert_eq!(consumed, 5);
+    }
+
+    fn head_chunked(
+        dot_ends: bool,
+        input: &[u8],
+        chunk: usize,
+        limit: usize,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let mut n = Normalizer::new(dot_ends);
+        let mut head = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        loop {
+            let eof = fed == input.len();
+            let (c, done) = n.feed_head(&buf, eof, &mut head, limit);
+            buf.drain(..c);
+            if done {
+                break;
+            }
+            let take = chunk.min(input.len() - fed);
+            buf.extend_from_slice(&input[fed..fed + take]);
+            fed += take;
+        }
+        // the rest through feed()
+        let mut body = Vec::new();
+        loop {
+            let eof = fed == input.len();
+            let c = n.feed(&buf, eof, &mut body);
+            buf.drain(..c);
+            if n.finished() {
+                break;
+            }
+            let take = chunk.min(input.len() - fed);
+            buf.extend_from_slice(&input[fed..fed + take]);
+            fed += take;
+        }
+        (head, body)
+    }
+
+    fn head(dot_ends: bool, input: &[u8], limit: usize) -> (Vec<u8>, Vec<u8>) {
+        let whole = head_chunked(dot_ends, input, usize::MAX, limit);
+        for c in CHUNKS {
+            assert_eq!(
+                head_chunked(dot_ends, input, c, limit),
+                whole,
+                "chunk {c} limit {limit} input {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        whole
+    }
+
+    #[test]
+    fn head_block() {
+        let m = b"A: 1\r\nB: 2\r\n\r\nbody\r\n.\r\nignored";
+        let (h, b) = head(true, m, 1 << 20);
+        assert_eq!(h, b"A: 1\nB: 2\n\n");
+        assert_eq!(b, b"body\n");
+        let (h, b) = head(false, m, 1 << 20);
+        assert_eq!(h, b"A: 1\nB: 2\n\n");
+        assert_eq!(b, b"body\n.\nignored");
+        // no body, no empty line
+        assert_eq!(
+            head(true, b"A: 1\nB: 2", 100),
+            (b"A: 1\nB: 2".to_vec(), vec![])
+        );
+        // lone dot ends the head
+        assert_eq!(
+            head(true, b"A: 1\n.\nB\n", 100),
+            (b"A: 1\n".to_vec(), vec![])
+        );
+        assert_eq!(
+            head(false, b"A: 1\n.\nB\n", 100),
+            (b"A: 1\n.\nB\n".to_vec(), vec![])
+        );
+        // message starting with an empty line
+        assert_eq!(
+            head(true, b"\nbody\n", 100),
+            (b"\n".to_vec(), b"body\n".to_vec())
+        );
+        assert_eq!(head(true, b"", 100), (vec![], vec![]));
+    }
+
+    #[test]
+    fn head_limit() {
+        let m = b"A: 12\r\nB: 34\r\n\r\nbody\n";
+        // limit falls inside line 2: stop after line 1
+        assert_eq!(
+            head(true, m, 10),
+            (b"A: 12\n".to_vec(), b"B: 34\n\nbody\n".to_vec())
+        );
+        // limit exactly at a line end
+        assert_eq!(
+            head(true, m, 12),
+            (b"A: 12\nB: 34\n".to_vec(), b"\nbody\n".to_vec())
+        );
+        // first line longer than the limit: exact cut, the rest continues that line
+        assert_eq!(
+            head(true, m, 3),
+            (b"A: ".to_vec(), b"12\nB: 34\n\nbody\n".to_vec())
+        );
+        // cut right before the CR of a CRLF
+        assert_eq!(
+            head(true, m, 5),
+            (b"A: 12".to_vec(), b"\nB: 34\n\nbody\n".to_vec())
+        );
+        assert_eq!(
+            head(true, m, 0),
+            (vec![], b"A: 12\nB: 34\n\nbody\n".to_vec())
+        );
+        // a cut line that starts with "." is not a terminator afterwards
+        assert_eq!(
+            head(true, b".abc\n.\n", 2),
+            (b".a".to_vec(), b"bc\n".to_vec())
+        );
+        // a long line without newline at EOF
+        assert_eq!(head(true, b"abcdef", 4), (b"abcd".to_vec(), b"ef".to_vec()));
+        assert_eq!(head(true, b"abc\r", 4), (b"abc\r".to_vec(), vec![]));
+    }
+
+    #[test]
+    fn stats() {
+        let mut s = Stats::new();
+        s.update(b"ab\ncdef");
+        s.update(b"gh\n\nxyz");
+        assert_eq!(s.size(), 14);
+        assert_eq!(s.max_line(), 6);
+        assert!(!s.eight_bit());
+        assert_eq!(s.crc32(), crc32fast::hash(b"ab\ncdefgh\n\nxyz"));
+        s.update(b"\x80");
+        assert!(s.eight_bit());
+        let mut t = Stats::new();
+        t.update(&vec![b'x'; 10_000]);
+        assert_eq!(t.max_line(), 10_000);
+    }
+}
+
+#[cfg(test)]
+mod perf {
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --release -- --ignored --nocapture transform_throughput`
+    #[test]
+    #[ignore]
+    fn transform_throughput() {
+        let mut text = Vec::new();
+        while text.len() < (64 << 20) {
+            text.extend_from_slice(
+                b"Hello there, this is a line of ordinary text in a mail message.\n\
+                  .a line with a leading dot\nFrom the start of a line\n>quoted reply\n\n\
+                  QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\n",
+            );
+        }
+        let mut out = Vec::with_capacity(2 * (1 << 20) + 64);
+        let t = Instant::now();
+        let n = memchr::memchr_iter(b'\n', &text).count();
+        println!("memchr_iter count {n}: {:.0} MB/s", text.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
+        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                let mut tr = Transform::new(kind);
+                for c in text.chunks(1 << 20) {
+                    out.clear();
+                    tr.feed(c, &mut out);
+                    std::hint::black_box(&out);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("{kind:?}: {:.0} MB/s", text.len() as f64 / best / 1e6);
+        }
+        let mut input = Vec::new();
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            input.extend_from_slice(&line[..line.len() - 1]);
+            input.extend_from_slice(b"\r\n");
+        }
+        for dot_ends in [false, true] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                let mut n = Normalizer::new(dot_ends);
+                for c in input.chunks(1 << 20) {
+                    out.clear();
+                    n.feed(c, false, &mut out);
+                    std::hint::black_box(&out);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("normalise dot_ends={dot_ends}: {:.0} MB/s", input.len() as f64 / best / 1e6);
+        }
+    }
+}

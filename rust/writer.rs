@@ -1,0 +1,624 @@
+//! `SpoolWriter`: streams a submitted message from a descriptor into a new spool file and
+//! commits it. Never holds the whole message: input is read in 1 MiB chunks and written out as
+//! it is normalised.
+//!
+//! Life cycle and what a crash at each step leaves behind (see docs/internals.md):
+//! 1. `new` creates `tmp/ID` (O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600). Crash from here
+//!    until the rename in `commit`: `tmp/ID` debris, which queue runs delete.
+//! 2. `read_head` / `write_head` / `stream_rest` fill the message part.
+//! 3. `commit` appends envelope and footer, fsyncs the file, renames it to `queue/ID` without
+//!    replacing anything, then fsyncs `queue/` and `tmp/`. Crash after the rename: a complete
+//!    message. If anything fails after the rename, the rename is undone (best effort) so that
+//!    an error from `commit` means "not queued".
+//!
+//! `abort` (or dropping an uncommitted writer in the process that created it) removes the
+//! temporary file.
+//!
+//! Reading input can be interrupted by a signal (EINTR): the call returns that error with all
+//! state kept, and calling the same method again resumes. Every other error leaves the writer
+//! failed: only `abort` is then allowed.
+
+use crate::error::{CoreError, Result};
+use crate::footer::{Footer, MAX_MSG_LEN};
+use crate::io;
+use crate::transform::{Normalizer, Stats};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// Size of one read from the input and of one write to the spool file.
+pub const CHUNK: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Fresh,
+    /// `read_head` started but was interrupted by a signal.
+    ReadingHead,
+    /// Head read and/or written; the rest is not streamed yet.
+    HeadDone,
+    /// `stream_rest` started but was interrupted by a signal.
+    Streaming,
+    Streamed,
+    Committed,
+    Aborted,
+    Failed,
+}
+
+pub struct SpoolWriter {
+    path: PathBuf,
+    file: Option<File>,
+    input: RawFd,
+    norm: Normalizer,
+    inbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    head: Vec<u8>,
+    out: Vec<u8>,
+    stats: Stats,
+    phase: Phase,
+    creator: u32,
+}
+
+impl SpoolWriter {
+    /// Create `path` and prepare to read the message from `input` (not closed, not owned).
+    pub fn create(path: &Path, input: RawFd, dot_ends: bool) -> Result<SpoolWriter> {
+        if input < 0 {
+            return Err(CoreError::usage(format!(
+                "invalid input descriptor {input}"
+            )));
+        }
+        let file = io::create_excl(path).map_err(|e| CoreError::io(e, path))?;
+        Ok(SpoolWriter {
+            path: path.to_path_buf(),
+            file: Some(file),
+            input,
+            norm: Normalizer::new(dot_ends),
+            inbuf: Vec::new(),
+            start: 0,
+            end: 0,
+            eof: false,
+            head: Vec::new(),
+            out: Vec::new(),
+            stats: Stats::new(),
+            phase: Phase::Fresh,
+            creator: std::process::id(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Bytes written to the message part so far.
+    pub fn size(&self) -> u64 {
+        self.stats.size()
+    }
+    pub fn eight_bit(&self) -> bool {
+        self.stats.eight_bit()
+    }
+    pub fn max_line(&self) -> u64 {
+        self.stats.max_line()
+    }
+    pub fn crc32(&self) -> u32 {
+        self.stats.crc32()
+    }
+
+    fn order_error(&self, what: &str) -> CoreError {
+        let why = match self.phase {
+            Phase::Committed => "the message is already committed".to_string(),
+            Phase::Aborted => "the writer was aborted".to_string(),
+            Phase::Failed => "an earlier call failed; call abort()".to_string(),
+            p => format!("not allowed in state {p:?}"),
+        };
+        CoreError::usage(format!("SpoolWriter.{what}(): {why}"))
+    }
+
+    /// Record a failure: EINTR keeps the state (the call can be repeated), anything else fails
+    /// the writer.
+    fn check<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if !e.is_interrupted() {
+                self.phase = Phase::Failed;
+            }
+        }
+        r
+    }
+
+    /// Read more input into the buffer (compacting first). Sets `eof` at end of input.
+    fn fill(&mut self) -> Result<()> {
+        if self.start > 0 {
+            self.inbuf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.inbuf.len() < self.end + CHUNK {
+            self.inbuf.resize(self.end + CHUNK, 0);
+        }
+        let n =
+            io::read_fd(self.input, &mut self.inbuf[self.end..self.end + CHUNK]).map_err(|e| {
+                CoreError::Io {
+                    source: e,
+                    path: io::fd_path(self.input),
+                }
+            })?;
+        if n == 0 {
+            self.eof = true;
+        } else {
+            self.end += n;
+        }
+        Ok(())
+    }
+
+    /// Write the pending output to the file and account for it.
+    fn flush(&mut self) -> Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        if self.stats.size() + self.out.len() as u64 > MAX_MSG_LEN {
+            return Err(CoreError::errno(libc::EFBIG, &self.path));
+        }
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| CoreError::usage("SpoolWriter: file is closed"))?;
+        file.write_all(&self.out)
+            .map_err(|e| CoreError::io(e, &self.path))?;
+        self.stats.update(&self.out);
+        self.out.clear();
+        Ok(())
+    }
+
+    /// The head block of the input, CRLF -> LF: up to and including the first empty line, or
+    /// up to the lone-dot line (consumed, not returned; input then ends), or EOF, or `limit`
+    /// bytes (cut after the last whole line that fits, or exactly at `limit` when even the
+    /// first line does not fit). Nothing is written; input read beyond the head is kept for
+    /// `stream_rest`.
+    pub fn read_head(&mut self, limit: usize) -> Result<Vec<u8>> {
+        match self.phase {
+            Phase::Fresh => self.phase = Phase::ReadingHead,
+            Phase::ReadingHead => {}
+            _ => return Err(self.order_error("read_head")),
+        }
+        loop {
+            let (n, done) = self.norm.feed_head(
+                &self.inbuf[self.start..self.end],
+                self.eof,
+                &mut self.head,
+                limit,
+            );
+            self.start += n;
+            if done {
+                self.phase = Phase::HeadDone;
+                return Ok(std::mem::take(&mut self.head));
+            }
+            let r = self.fill();
+            self.check(r)?;
+        }
+    }
+
+    /// Write bytes (the head as Python rewrote it) to the message part. May be called more
+    /// than once, before `stream_rest`.
+    pub fn write_head(&mut self, data: &[u8]) -> Result<()> {
+        match self.phase {
+            Phase::Fresh | Phase::HeadDone => self.phase = Phase::HeadDone,
+            _ => return Err(self.order_error("write_head")),
+        }
+        self.out.extend_from_slice(data);
+        if self.out.len() >= CHUNK {
+            let r = self.flush();
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    /// Stream the rest of the input into the message part, CRLF -> LF, until EOF or the
+    /// lone-dot line.
+    pub fn stream_rest(&mut self) -> Result<()> {
+        match self.phase {
+            Phase::Fresh | Phase::HeadDone | Phase::Streaming => self.phase = Phase::Streaming,
+            _ => return Err(self.order_error("stream_rest")),
+        }
+        loop {
+            let n = self
+                .norm
+                .feed(&self.inbuf[self.start..self.end], self.eof, &mut self.out);
+            self.start += n;
+            if self.norm.finished() || self.out.len() >= CHUNK {
+                let r = self.flush();
+                self.check(r)?;
+            }
+            if self.norm.finished() {
+                self.phase = Phase::Streamed;
+                self.inbuf = Vec::new();
+                self.start = 0;
+                self.end = 0;
+                return Ok(());
+            }
+            let r = self.fill();
+            self.check(r)?;
+        }
+    }
+
+    /// Append the envelope and the footer, fsync, rename to `dest` (never replacing an
+    /// existing file), fsync the destination and source directories.
+    pub fn commit(&mut self, envelope: &[u8], dest: &Path) -> Result<()> {
+        if self.phase != Phase::Streamed {
+            return Err(self.order_error("commit"));
+        }
+        let r = self.commit_inner(envelope, dest);
+        match &r {
+            Ok(()) => self.phase = Phase::Committed,
+            Err(_) => self.phase = Phase::Failed,
+        }
+        r
+    }
+
+    fn commit_inner(&mut self, envelope: &[u8], dest: &Path) -> Result<()> {
+        let env_len = u32::try_from(envelope.len())
+            .map_err(|_| CoreError::usage("envelope larger than 4 GiB"))?;
+        self.flush()?;
+        let footer = Footer {
+            msg_len: self.stats.size(),
+            env_len,
+            msg_crc: self.stats.crc32(),
+            env_crc: crc32fast::hash(envelope),
+            eight_bit: self.stats.eight_bit(),
+            max_line: self.stats.max_line(),
+        };
+        let path = self.path.clone();
+        {
+            let file = self
+                .file
+                .as_mut()
+                .ok_or_else(|| CoreError::usage("SpoolWriter: file is closed"))?;
+            let ioerr = |e| CoreError::io(e, &path);
+            file.write_all(envelope).map_err(ioerr)?;
+            file.write_all(&footer.encode()).map_err(ioerr)?;
+            io::fsync_fd(file.as_raw_fd()).map_err(ioerr)?;
+        }
+        io::rename_noreplace(&self.path, dest).map_err(|e| CoreError::io(e, dest))?;
+        // From here the message is visible in the queue. Close, then make the rename durable.
+        self.file = None;
+        let dest_dir = io::parent_dir(dest);
+        let src_dir = io::parent_dir(&self.path);
+        let mut synced = io::fsync_dir(&dest_dir).map_err(|e| CoreError::io(e, &dest_dir));
+        if synced.is_ok() && src_dir != dest_dir {
+            synced = io::fsync_dir(&src_dir).map_err(|e| CoreError::io(e, &src_dir));
+        }
+        if synced.is_err() {
+            // Undo, so that a failed commit never leaves a message the caller thinks was
+            // refused (it would be delivered and then submitted again).
+            let _ = std::fs::remove_file(dest);
+        }
+        synced
+    }
+
+    /// Remove the temporary file. Idempotent; after a successful commit it does nothing.
+    pub fn abort(&mut self) -> Result<()> {
+        match self.phase {
+            Phase::Committed | Phase::Aborted => return Ok(()),
+            _ => {}
+        }
+        self.phase = Phase::Aborted;
+        self.file = None;
+        self.inbuf = Vec::new();
+        self.out = Vec::new();
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(CoreError::io(e, &self.path)),
+        }
+    }
+
+    /// True once committed or aborted.
+    pub fn closed(&self) -> bool {
+        matches!(self.phase, Phase::Committed | Phase::Aborted)
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        // Only the process that created the file removes it: a forked child that drops its
+        // copy of the writer must not delete the parent's message.
+        if !self.closed() && std::process::id() == self.creator {
+            let _ = self.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::testutil::TempDir;
+    use crate::reader::MessageFile;
+    use std::os::unix::io::AsRawFd;
+
+    /// An input descriptor with `data` in it: a pipe written by a thread (so large inputs do
+    /// not block), or a regular file.
+    enum Input {
+        Pipe(RawFd, Option<std::thread::JoinHandle<()>>),
+        File(File),
+    }
+
+    impl Input {
+        fn pipe(data: &[u8]) -> Input {
+            let mut fds = [0; 2];
+            // SAFETY: valid array of two ints.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let data = data.to_vec();
+            let w = fds[1];
+            let h = std::thread::spawn(move || {
+                let mut off = 0;
+                while off < data.len() {
+                    // Small writes so reads see many chunk boundaries.
+                    let end = (off + 4093).min(data.len());
+                    match io::write_fd(w, &data[off..end]) {
+                        Ok(n) => off += n,
+                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                        Err(_) => break, // the reader stopped early (lone dot)
+                    }
+                }
+                // SAFETY: closing our write end.
+                unsafe { libc::close(w) };
+            });
+            Input::Pipe(fds[0], Some(h))
+        }
+        fn file(dir: &Path, data: &[u8]) -> Input {
+            let p = dir.join("input");
+            std::fs::write(&p, data).unwrap();
+            Input::File(File::open(&p).unwrap())
+        }
+        fn fd(&self) -> RawFd {
+            match self {
+                Input::Pipe(fd, _) => *fd,
+                Input::File(f) => f.as_raw_fd(),
+            }
+        }
+    }
+
+    impl Drop for Input {
+        fn drop(&mut self) {
+            if let Input::Pipe(fd, h) = self {
+                // SAFETY: closing our read end.
+                unsafe { libc::close(*fd) };
+                if let Some(h) = h.take() {
+                    let _ = h.join();
+                }
+            }
+        }
+    }
+
+    fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        loop {
+            match f() {
+                Err(e) if e.is_interrupted() => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Submit `input` through a writer: head read, written back unchanged, rest streamed,
+    /// committed. Returns (head, stored message, writer stats).
+    fn submit(input: &[u8], dot_ends: bool, limit: usize) -> (Vec<u8>, Vec<u8>, u64, bool, u64) {
+        let t = TempDir::new();
+        let inp = Input::pipe(input);
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), dot_ends).unwrap();
+        let head = retry(|| w.read_head(limit)).unwrap();
+        w.write_head(&head).unwrap();
+        retry(|| w.stream_rest()).unwrap();
+        let (size, eb, ml) = (w.size(), w.eight_bit(), w.max_line());
+        let dest = t.path().join("dest");
+        w.commit(b"{\"v\":1}", &dest).unwrap();
+        assert!(!tmp.exists());
+        let m = MessageFile::open(&dest).unwrap();
+        m.verify().unwrap();
+        assert_eq!(m.size(), size);
+        assert_eq!(m.eight_bit(), eb);
+        assert_eq!(m.max_line(), ml);
+        assert_eq!(m.envelope(), b"{\"v\":1}");
+        let stored = m.read_all().unwrap();
+        assert_eq!(stored.len() as u64, size);
+        (head, stored, size, eb, ml)
+    }
+
+    #[test]
+    fn crlf_normalised_and_dot_ends() {
+        let input = b"Subject: hi\r\nTo: x\r\n\r\nline 1\r\nbare\rcr\r\n..dots\r\n.\r\nafter\r\n";
+        let (head, stored, size, eb, ml) = submit(input, true, 1 << 20);
+        assert_eq!(head, b"Subject: hi\nTo: x\n\n");
+        assert_eq!(stored, b"Subject: hi\nTo: x\n\nline 1\nbare\rcr\n..dots\n");
+        assert_eq!(size, stored.len() as u64);
+        assert!(!eb);
+        assert_eq!(ml, 11);
+        let (_, stored, ..) = submit(input, false, 1 << 20);
+        assert_eq!(
+            stored,
+            b"Subject: hi\nTo: x\n\nline 1\nbare\rcr\n..dots\n.\nafter\n"
+        );
+    }
+
+    #[test]
+    fn dot_in_head_ends_input() {
+        let (head, stored, ..) = submit(b"Subject: a\n.\nmore\n", true, 1 << 20);
+        assert_eq!(head, b"Subject: a\n");
+        assert_eq!(stored, b"Subject: a\n");
+    }
+
+    #[test]
+    fn head_limit_and_rest() {
+        let input = b"A: 1234\nB: 5678\n\nbody\n";
+        let (head, stored, ..) = submit(input, true, 12);
+        assert_eq!(head, b"A: 1234\n");
+        assert_eq!(stored, input);
+        let (head, stored, ..) = submit(input, true, 3);
+        assert_eq!(head, b"A: ");
+        assert_eq!(stored, input);
+    }
+
+    #[test]
+    fn eight_bit_size_crc_and_long_lines() {
+        let mut input = b"Subject: x\n\n".to_vec();
+        input.extend(std::iter::repeat_n(b'a', 10_000));
+        input.extend_from_slice(b"\n\xc3\xa9\0\n");
+        let (_, stored, size, eb, ml) = submit(&input, true, 1 << 20);
+        assert_eq!(stored, input);
+        assert_eq!(size, input.len() as u64);
+        assert!(eb);
+        assert_eq!(ml, 10_000);
+    }
+
+    #[test]
+    fn large_input_across_chunks() {
+        // 3.5 MiB with CRLF line ends and a CR/LF straddling every 4093-byte pipe write.
+        let mut input = Vec::new();
+        let mut i = 0u32;
+        while input.len() < 3_500_000 {
+            input.extend_from_slice(format!("line {i} .x From y\r\n").as_bytes());
+            if i.is_multiple_of(97) {
+                input.extend_from_slice(b".\r\r\n");
+            }
+            i += 1;
+        }
+        let expected: Vec<u8> = {
+            let mut n = Normalizer::new(true);
+            let mut out = Vec::new();
+            n.feed(&input, true, &mut out);
+            out
+        };
+        let (_, stored, ..) = submit(&input, true, 1 << 20);
+        assert_eq!(stored.len(), expected.len());
+        assert!(stored == expected);
+    }
+
+    #[test]
+    fn regular_file_input_and_no_head() {
+        let t = TempDir::new();
+        let inp = Input::file(t.path(), b"a\r\nb");
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        retry(|| w.stream_rest()).unwrap();
+        assert_eq!(w.size(), 3);
+        let dest = t.path().join("q");
+        w.commit(b"", &dest).unwrap();
+        let m = MessageFile::open(&dest).unwrap();
+        assert_eq!(m.read_all().unwrap(), b"a\nb");
+        assert_eq!(m.envelope(), b"");
+    }
+
+    #[test]
+    fn commit_refuses_to_replace() {
+        let t = TempDir::new();
+        let inp = Input::pipe(b"x\n");
+        let tmp = t.path().join("tmp");
+        let dest = t.path().join("dest");
+        std::fs::write(&dest, b"existing").unwrap();
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        retry(|| w.stream_rest()).unwrap();
+        let e = w.commit(b"{}", &dest).unwrap_err();
+        match e {
+            CoreError::Io { source, path } => {
+                assert_eq!(source.raw_os_error(), Some(libc::EEXIST));
+                assert_eq!(path.as_deref(), Some(dest.as_path()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&dest).unwrap(), b"existing");
+        // failed: only abort is allowed now, and it removes the temp file
+        assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
+        w.abort().unwrap();
+        assert!(!tmp.exists());
+        w.abort().unwrap();
+    }
+
+    #[test]
+    fn create_refuses_existing_temp() {
+        let t = TempDir::new();
+        let tmp = t.path().join("tmp");
+        std::fs::write(&tmp, b"").unwrap();
+        let e = SpoolWriter::create(&tmp, 0, true).err().expect("must fail");
+        assert_eq!(e.raw_errno(), Some(libc::EEXIST));
+        let e = SpoolWriter::create(&t.path().join("nodir/x"), 0, true)
+            .err()
+            .expect("must fail");
+        assert_eq!(e.raw_errno(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn wrong_order_is_usage_error() {
+        let t = TempDir::new();
+        let inp = Input::pipe(b"A: b\n\nc\n");
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        assert!(matches!(
+            w.commit(b"", &t.path().join("d")),
+            Err(CoreError::Usage(_))
+        ));
+        retry(|| w.read_head(100)).unwrap();
+        assert!(matches!(w.read_head(100), Err(CoreError::Usage(_))));
+        retry(|| w.stream_rest()).unwrap();
+        assert!(matches!(w.write_head(b"x"), Err(CoreError::Usage(_))));
+        assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
+        w.commit(b"", &t.path().join("d")).unwrap();
+        assert!(matches!(
+            w.commit(b"", &t.path().join("e")),
+            Err(CoreError::Usage(_))
+        ));
+        // abort after commit keeps the committed file
+        w.abort().unwrap();
+        assert!(t.path().join("d").exists());
+    }
+
+    #[test]
+    fn abort_and_drop_remove_temp() {
+        let t = TempDir::new();
+        let inp = Input::pipe(b"x");
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        assert!(tmp.exists());
+        w.abort().unwrap();
+        assert!(!tmp.exists());
+        w.abort().unwrap();
+        assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
+        {
+            let _w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+            assert!(tmp.exists());
+        }
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn write_error_is_reported_with_path() {
+        // /dev/full accepts the open but every write fails with ENOSPC.
+        let Ok(full) = File::options().write(true).open("/dev/full") else {
+            return;
+        };
+        let t = TempDir::new();
+        let inp = Input::pipe(&vec![b'x'; 3 * CHUNK]);
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        w.file = Some(full);
+        let e = retry(|| w.stream_rest()).unwrap_err();
+        match e {
+            CoreError::Io { source, path } => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+                assert_eq!(path.as_deref(), Some(tmp.as_path()));
+            }
+            other => panic!("{other:?}"),
+        }
+        w.abort().unwrap();
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn bad_input_fd() {
+        let t = TempDir::new();
+        let tmp = t.path().join("tmp");
+        // a descriptor number that is not open
+        let mut w = SpoolWriter::create(&tmp, 1_000_000, true).unwrap();
+        let e = w.read_head(10).unwrap_err();
+        assert_eq!(e.raw_errno(), Some(libc::EBADF));
+        assert!(SpoolWriter::create(&t.path().join("y"), -1, true).is_err());
+    }
+}
