@@ -18,6 +18,49 @@
 use crate::error::{CoreError, Result};
 use memchr::{memchr, memchr_iter};
 
+/// Call `f` with the index of every LF in `data`, in order. Dense newlines (short lines) are
+/// the common case of mail, where calling `memchr` once per line costs more than the copy; on
+/// x86_64 this scans 32 bytes at a time with SSE2 (always present there) and walks the bit
+/// mask, elsewhere it uses `memchr_iter`.
+#[inline(always)]
+fn for_each_lf(data: &[u8], mut f: impl FnMut(usize)) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+        };
+        let len = data.len();
+        let p = data.as_ptr();
+        let mut i = 0usize;
+        // SAFETY: SSE2 is part of the x86_64 baseline. Each iteration reads data[i..i + 32],
+        // which is in bounds because i + 32 <= len; unaligned loads are used.
+        unsafe {
+            let lf = _mm_set1_epi8(b'\n' as i8);
+            while i + 32 <= len {
+                let a = _mm_loadu_si128(p.add(i) as *const __m128i);
+                let b = _mm_loadu_si128(p.add(i + 16) as *const __m128i);
+                let ma = _mm_movemask_epi8(_mm_cmpeq_epi8(a, lf)) as u32;
+                let mb = _mm_movemask_epi8(_mm_cmpeq_epi8(b, lf)) as u32;
+                let mut mask = ma | (mb << 16);
+                while mask != 0 {
+                    f(i + mask.trailing_zeros() as usize);
+                    mask &= mask - 1;
+                }
+                i += 32;
+            }
+        }
+        for (j, &b) in data[i..].iter().enumerate() {
+            if b == b'\n' {
+                f(i + j);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for nl in memchr_iter(b'\n', data) {
+        f(nl);
+    }
+}
+
 /// The output transforms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -157,7 +200,7 @@ impl Transform {
     /// pointers, and copies short lines in 16-byte blocks that may run past the line end
     /// (never past the input or the reserved output; later writes overwrite the excess).
     fn feed_crlf(&mut self, input: &[u8], out: &mut Vec<u8>, stuff: bool) {
-        const BLOCK: usize = 16;
+        const BLOCK: usize = 64;
         const SLACK: usize = 2 * BLOCK;
         let len = input.len();
         // Every input byte becomes at most two output bytes ("\n" -> "\r\n", "." -> "..").
@@ -178,17 +221,13 @@ impl Transform {
             let mut pos = 0usize;
             let copy = |dst: *mut u8, from: usize, to: usize| {
                 let n = to - from;
-                if to + BLOCK <= len {
-                    let mut i = 0;
-                    while i < n {
-                        std::ptr::copy_nonoverlapping(src.add(from + i), dst.add(i), BLOCK);
-                        i += BLOCK;
-                    }
+                if n <= BLOCK && from + BLOCK <= len {
+                    std::ptr::copy_nonoverlapping(src.add(from), dst, BLOCK);
                 } else {
                     std::ptr::copy_nonoverlapping(src.add(from), dst, n);
                 }
             };
-            for nl in memchr_iter(b'\n', input) {
+            for_each_lf(input, |nl| {
                 if stuff && at_start && *src.add(pos) == b'.' {
                     *dst = b'.';
                     dst = dst.add(1);
@@ -200,7 +239,7 @@ impl Transform {
                 dst = dst.add(2);
                 pos = nl + 1;
                 at_start = true;
-            }
+            });
             if pos < len {
                 if stuff && at_start && *src.add(pos) == b'.' {
                     *dst = b'.';
@@ -1036,7 +1075,23 @@ mod tests {
 #[cfg(test)]
 mod perf {
     use super::*;
-    use std::time::Instant;
+
+    /// CPU time of this thread: steadier than wall time on a shared machine.
+    struct Instant(f64);
+    impl Instant {
+        fn now() -> Instant {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: valid timespec out-pointer.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            Instant(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+        }
+        fn elapsed(&self) -> std::time::Duration {
+            std::time::Duration::from_secs_f64(Instant::now().0 - self.0)
+        }
+    }
 
     /// `cargo test --release -- --ignored --nocapture transform_throughput`
     #[test]

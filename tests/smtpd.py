@@ -146,6 +146,8 @@ class Behaviour:
     final_reply: bytes | Callable[[Transaction], bytes] = b"250 2.0.0 Ok: queued as TEST\r\n"
     drop_after_data_bytes: int | None = None
     """Close the connection once this many message bytes (DATA or BDAT) have arrived."""
+    stall_after_data_bytes: int | None = None
+    """Stop reading (without closing) once this many message bytes have arrived."""
     stall_after_dot: float = 0.0
     """Say nothing for this long after the end of the data (then reply as usual)."""
     raw: dict[str, bytes] = field(default_factory=dict)
@@ -191,10 +193,12 @@ class _Conn:
             start = len(self.buf)
             self.fill()
 
-    def exactly(self, n: int, drop_at: int | None, got: int) -> bytes:
+    def exactly(self, n: int, drop_at: int | None, got: int, stall_at: int | None) -> bytes:
         while len(self.buf) < n:
             if drop_at is not None and got + len(self.buf) >= drop_at:
                 raise _Stop
+            if stall_at is not None and got + len(self.buf) >= stall_at:
+                self.stall()
             self.fill()
         out = bytes(self.buf[:n])
         del self.buf[:n]
@@ -202,6 +206,10 @@ class _Conn:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def stall(self) -> None:
+        self.stopping.wait(SESSION_TIMEOUT)
+        raise _Stop
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -346,7 +354,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 parts = arg.split()
                 n, last = int(parts[0]), len(parts) > 1 and parts[1].upper() == "LAST"
                 got = len(txn.data) if txn is not None else 0
-                chunk = conn.exactly(n, b.drop_after_data_bytes, got)
+                chunk = conn.exactly(n, b.drop_after_data_bytes, got, b.stall_after_data_bytes)
                 if txn is None or not txn.rcpts:
                     self._reply(conn, "BDAT", b"554 5.5.1 Error: no valid recipients\r\n")
                     txn = None
@@ -387,6 +395,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 break
             if drop is not None and len(conn.buf) >= drop:
                 raise _Stop
+            if b.stall_after_data_bytes is not None and len(conn.buf) >= b.stall_after_data_bytes:
+                conn.stall()
             start = max(0, len(conn.buf) - 4)
             conn.fill()
         return b"\r\n".join(x[1:] if x.startswith(b".") else x for x in raw.split(b"\r\n"))

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from dma.config import Config
 from dma.errors import DmaError
 from dma.route import Destination, Host, Plan, RouteError, plan, resolve

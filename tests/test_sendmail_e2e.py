@@ -3,7 +3,6 @@ private configuration, real spool files and real mailboxes."""
 
 from __future__ import annotations
 
-import os
 import pwd
 import re
 import shutil

@@ -475,6 +475,21 @@ def test_drop_mid_data(tmp: Path, chunking: bool) -> None:
 
 
 @pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+def test_server_stops_reading_mid_data(tmp: Path, chunking: bool) -> None:
+    """A peer that stops reading: each block write is bounded by datablock_timeout."""
+    msg = spool_message(tmp, b"Subject: big\n\n" + (b"y" * 99 + b"\n") * 400_000)  # 40 MB
+    beh = Behaviour(chunking=chunking, stall_after_data_bytes=1 * MB)
+    with ScriptedServer(beh) as srv:
+        t0, cpu0 = time.monotonic(), time.process_time()
+        outs = run(msg, ["a@x.test"], [host(srv)], cfg=config(datablock_timeout=1.0))
+        elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    assert outs[0].status == "deferred"
+    assert "timed out while sending message body" in outs[0].reply
+    assert elapsed < 8 and cpu < 2
+    assert not srv.transactions
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
 def test_stall_after_final_dot(tmp: Path, chunking: bool) -> None:
     msg = spool_message(tmp, b"Subject: x\n\nstall\n")
     with ScriptedServer(Behaviour(chunking=chunking, stall_after_dot=15)) as srv:
@@ -617,3 +632,55 @@ def test_parallel_deliveries_share_one_file(tmp: Path) -> None:
     for i, srv in enumerate(servers):
         assert results[i][0].status == "delivered"
         assert srv.transactions[0].data == (crlf(body) if i % 2 else over_data(body))
+
+
+def _seed_body() -> bytes:
+    """The seed test's input: ``dd if=/dev/urandom bs=1k count=100 | base64``."""
+    import base64
+
+    raw = base64.encodebytes(os.urandom(100 * 1024))
+    return b"Subject: seed\n\n" + raw
+
+
+@pytest.mark.parametrize("n", [2, 10, 50])
+def test_seed_one_smarthost(tmp: Path, n: int) -> None:
+    body = _seed_body()
+    msg = spool_message(tmp, body)
+    rcpts = [f"r{i}@d{i}.test" for i in range(n)]
+    with ScriptedServer(Behaviour(chunking=n == 10)) as srv:
+        outs = run(msg, rcpts, [host(srv)])
+    assert all(o.status == "delivered" for o in outs)
+    (txn,) = srv.transactions
+    assert txn.rcpts == rcpts
+    assert txn.data == (crlf(body) if n == 10 else over_data(body))
+
+
+@pytest.mark.parametrize("n", [2, 10])
+def test_seed_forked_processes(tmp: Path, n: int) -> None:
+    """N processes forked after the message file is opened, each delivering its recipient
+    through its own cursor at the same time: every copy identical."""
+    body = _seed_body()
+    msg = spool_message(tmp, body)
+    servers = [ScriptedServer(Behaviour(chunking=i % 2 == 1)).start() for i in range(n)]
+    pids = []
+    try:
+        for i, srv in enumerate(servers):
+            pid = os.fork()
+            if pid == 0:  # child: deliver, report through the exit status, never return
+                code = 1
+                try:
+                    signal.alarm(0)
+                    outs = run(msg, [f"r{i}@d{i}.test"], [host(srv)])
+                    code = 0 if outs[0].status == "delivered" else 2
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for srv in servers:
+            srv.stop()
+    for i, srv in enumerate(servers):
+        (txn,) = srv.transactions
+        assert txn.data == (crlf(body) if i % 2 else over_data(body))

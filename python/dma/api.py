@@ -4,9 +4,6 @@ as typed exceptions instead of exit codes."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, BinaryIO, Union
 
@@ -74,6 +71,8 @@ def send(message: MessageInput, recipients: Iterable[str] | None = None,
     if fileno is not None:
         qid = submit(fileno, request, cfg)
     else:
+        import threading
+
         rfd, wfd = os.pipe()
         feeder = threading.Thread(target=_feed, args=(data, wfd), daemon=True)
         feeder.start()
@@ -91,6 +90,9 @@ def _start_delivery(qid: str, cfg: Config, given: Config | str | None) -> None:
     """A detached ``dma -qI ID`` when the configuration has a file it can read again;
     a Config built in code is delivered in this process instead (it cannot be passed on)."""
     if isinstance(given, str) or cfg.path is not None or given is None:
+        import subprocess
+        import sys
+
         cmd = [sys.executable, "-m", "dma.cli", f"-qI{qid}"]
         if cfg.path is not None:
             cmd[3:3] = ["-C", cfg.path]

@@ -39,11 +39,12 @@ def _final_recipient(rcpt: str, config: Config) -> str:
 
 
 def render(env: Envelope, msg: _core.MessageFile, states: Sequence[RecipientState],
-           config: Config, *, delayed: bool = False, now: float | None = None) -> Iterator[bytes]:
+           config: Config, *, delayed: bool = False, now: float | None = None,
+           notice_to_postmaster: bool = False) -> Iterator[bytes]:
     """The report as chunks of bytes (LF line endings, as the spool stores them)."""
     now = time.time() if now is None else now
     boundary = f"{env.id}/{config.mailname}"
-    to = env.sender or f"{POSTMASTER}@{config.mailname}"
+    to = f"{POSTMASTER}@{config.mailname}" if notice_to_postmaster else env.sender
     if delayed:
         subject = "Delayed Mail (still being retried)"
         lead = ("This is the mail system at host {h}.\n\n"
@@ -115,19 +116,31 @@ def render(env: Envelope, msg: _core.MessageFile, states: Sequence[RecipientStat
 
 def send(env: Envelope, msg: _core.MessageFile, states: Sequence[RecipientState],
          config: Config, *, delayed: bool = False) -> str:
-    """Spool the notice; returns its queue id.  Raises what submission raises (the caller
-    then keeps the original message and tries again later)."""
+    """Spool the notice; returns its queue id.  A sender that cannot receive it (an address
+    refused at submission) makes it go to the postmaster instead.  Raises what submission
+    raises otherwise (the caller then keeps the original message and tries again later)."""
+    from dma.errors import DataError
+
+    if env.sender:
+        try:
+            return _submit(env, msg, states, config, env.sender, NOTICE_BOUNCE, delayed)
+        except DataError:
+            pass
+    return _submit(env, msg, states, config, POSTMASTER, NOTICE_POSTMASTER, delayed)
+
+
+def _submit(env: Envelope, msg: _core.MessageFile, states: Sequence[RecipientState],
+            config: Config, rcpt: str, notice: str, delayed: bool) -> str:
     from dma.submit import Request, Submitter, submit
 
-    notice = NOTICE_POSTMASTER if not env.sender else NOTICE_BOUNCE
-    rcpt = env.sender or POSTMASTER
     request = Request(recipients=(rcpt,), sender="<>", dot_ends=False)
     rfd, wfd = os.pipe()
 
     def feed() -> None:
         try:
             with os.fdopen(wfd, "wb", buffering=0) as w:
-                for chunk in render(env, msg, states, config, delayed=delayed):
+                for chunk in render(env, msg, states, config, delayed=delayed,
+                                   notice_to_postmaster=notice == NOTICE_POSTMASTER):
                     w.write(chunk)
         except OSError:
             pass  # the reader gave up; submit() reports why

@@ -84,8 +84,11 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResu
                     done(f.result())
         else:
             _deliver_local(msg, env, plan.local, config, done)
-        _finish(spool, msg, env, config, log)
-        return RunResult(qid, outcomes)
+        notice = _finish(spool, msg, env, config, log)
+    if notice is not None:
+        # The sender hears at once, as with C dma; if this attempt defers, the queue retries.
+        deliver_message(spool, notice, config, log)
+    return RunResult(qid, outcomes)
 
 
 def _permanent(dsn: str) -> str:
@@ -93,12 +96,13 @@ def _permanent(dsn: str) -> str:
 
 
 def _finish(spool: Spool, msg: _core.MessageFile, env: Envelope, config: Config,
-            log: Log) -> None:
+            log: Log) -> str | None:
     """Remove the message when nobody is left to try, after its bounce is safely spooled
     (never before: if the bounce cannot be spooled, the message stays and we try again)."""
     states = spool.states(env)
     if any(s.status not in ("delivered", "failed") for s in states.values()):
-        return
+        return None
+    bid = None
     failed = [s for s in states.values() if s.status == "failed"]
     if failed:
         if env.notice == bounce.NOTICE_POSTMASTER:
@@ -109,9 +113,10 @@ def _finish(spool: Spool, msg: _core.MessageFile, env: Envelope, config: Config,
                 bid = bounce.send(env, msg, failed, config)
             except (DmaError, OSError) as e:
                 log.error(f"{env.id}: cannot spool the bounce ({e}); message kept")
-                return
+                return None
             log.info(f"{env.id}: bounced to <{env.sender or bounce.POSTMASTER}> as {bid}")
     spool.remove(env.id)
+    return bid
 
 
 def _deliver_local(msg: _core.MessageFile, env: Envelope, users: Sequence[str], config: Config,
