@@ -379,6 +379,18 @@ impl Cursor {
     /// exhausted and nothing was appended.
     pub fn next_into(&mut self, out: &mut Vec<u8>) -> Result<bool> {
         let start = out.len();
+        if self.transform.kind() == Kind::Raw && self.pos < self.end {
+            // Nothing to transform: read straight into the output.
+            let n = (self.end - self.pos).min(self.chunk as u64) as usize;
+            out.resize(start + n, 0);
+            let r = pread_exact(&self.shared, &self.path, &mut out[start..], self.pos);
+            if r.is_err() {
+                out.truncate(start);
+            }
+            r?;
+            self.pos += n as u64;
+            return Ok(true);
+        }
         while self.pos < self.end {
             let n = (self.end - self.pos).min(self.chunk as u64) as usize;
             if self.inbuf.len() < n {

@@ -472,14 +472,15 @@ class ScriptedServer(socketserver.ThreadingTCPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.behaviour = behaviour or Behaviour()
         self.sessions: list[Session] = []
         self.lock = threading.Lock()
         self.live: set[socket.socket] = set()
         self.stopping = threading.Event()
-        super().__init__((host, 0), _Handler)
+        super().__init__((host, port), _Handler)
         self.host = host
         self.port: int = self.server_address[1]
         self._thread: threading.Thread | None = None
@@ -521,8 +522,9 @@ class ScriptedServer(socketserver.ThreadingTCPServer):
             s.closed.wait(max(0.0, deadline - time.monotonic()))
 
 
-def serve(behaviour: Behaviour | None = None, host: str = "127.0.0.1") -> ScriptedServer:
-    return ScriptedServer(behaviour, host).start()
+def serve(behaviour: Behaviour | None = None, host: str = "127.0.0.1",
+          port: int = 0) -> ScriptedServer:
+    return ScriptedServer(behaviour, host, port).start()
 
 
 # -- aiosmtpd -----------------------------------------------------------------------------

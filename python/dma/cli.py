@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from dma.log import Log
 
 _WITH_ARG = set("AbBCdfFhLNoOqrRVX")
+ADMIN_COMMANDS = ("queue", "setup", "--help", "-h")
 _FLAGS = set("DintUv")
 
 
@@ -158,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"dma {__version__}\n")
         return EX_OK
     try:
+        if prog not in ("sendmail", "mailq", "newaliases") and args[:1] and \
+                args[0] in ADMIN_COMMANDS:
+            from dma import admin
+
+            return admin.run(args)
         return _run(parse(args, prog))
     except DmaError as e:
         return _fail(e)

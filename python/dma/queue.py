@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from dma import _core, bounce, route
 from dma.config import Config
-from dma.errors import DmaError
+from dma.errors import DmaError, SpoolCorrupt
 from dma.log import Log
 from dma.outcome import Outcome, Status
-from dma.spool import Envelope, Spool
+from dma.spool import Envelope, RecipientState, Spool
 
 
 @dataclass
@@ -23,7 +23,8 @@ class RunResult:
     queue_id: str
     outcomes: list[Outcome]
     claimed: bool = True
-    """False when another runner held the message (nothing was attempted)."""
+    """False when another runner held the message, or it could not be read."""
+    error: str = ""
 
     @property
     def pending(self) -> bool:
@@ -44,9 +45,14 @@ def _remote(msg: _core.MessageFile, env: Envelope, dest: route.Destination, conf
         return [Outcome(r, status, e.reason, e.dsn) for r in dest.recipients]
     from dma import auth, smtp
 
-    table = auth.load(config.authpath) if config.authpath else None
+    table = None
+    if config.authpath:
+        table = auth.load(config.authpath)
+        if table.insecure_permissions:
+            log.warning(f"{config.authpath} is readable by other users; it holds passwords "
+                        f"(chmod 640, owner root:mail)")
     return smtp.deliver(msg, env.sender, dest.recipients, hosts, dest, config, table, log,
-                        queue_id=env.id)
+                        queue_id=env.id, created=env.created)
 
 
 def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResult:
@@ -56,6 +62,8 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResu
         if claimed is None:
             return RunResult(qid, [], claimed=False)
         msg, env = claimed
+        # Never deliver a copy of a file that was damaged after it was accepted.
+        msg.verify()
         states = spool.states(env)
         pending = [r for r in env.recipients if states[r].status in ("pending", "deferred")]
         plan = route.plan(pending, config)
@@ -84,11 +92,50 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResu
                     done(f.result())
         else:
             _deliver_local(msg, env, plan.local, config, done)
-        notice = _finish(spool, msg, env, config, log)
+        notice = _finish(spool, msg, env, config, log) or _warn_delay(spool, msg, env, config,
+                                                                        log)
     if notice is not None:
         # The sender hears at once, as with C dma; if this attempt defers, the queue retries.
         deliver_message(spool, notice, config, log)
     return RunResult(qid, outcomes)
+
+
+def next_attempt(state: RecipientState, config: Config) -> float | None:
+    """When a recipient is due again: at once when never tried, after an exponential
+    backoff from RETRY_MIN up to RETRY_MAX when deferred, never when final."""
+    if state.status == "pending":
+        return 0.0
+    if state.status != "deferred" or state.last_attempt is None:
+        return None
+    backoff = config.retry_min * 2.0 ** min(max(state.attempts - 1, 0), 32)
+    return state.last_attempt + min(config.retry_max, backoff)
+
+
+def is_due(states: dict[str, RecipientState], config: Config, now: float) -> bool:
+    times = [t for t in (next_attempt(s, config) for s in states.values()) if t is not None]
+    # A clock that jumped backwards must not postpone a retry beyond one backoff cap.
+    return any(t <= now or t - now > config.retry_max for t in times)
+
+
+def _warn_delay(spool: Spool, msg: _core.MessageFile, env: Envelope, config: Config,
+                log: Log) -> str | None:
+    """One "still trying" notice (Action: delayed) per message, once DELAY_WARNING is
+    exceeded; never for notices dma generated itself."""
+    if config.delay_warning is None or env.notice or not env.sender:
+        return None
+    if time.time() - env.created < config.delay_warning:
+        return None
+    deferred = [s for s in spool.states(env).values() if s.status == "deferred"]
+    if not deferred or "delay-warning" in spool.events(env.id):
+        return None
+    try:
+        nid = bounce.send(env, msg, deferred, config, delayed=True)
+    except (DmaError, OSError) as e:
+        log.error(f"{env.id}: cannot spool the delay notice ({e})")
+        return None
+    spool.mark(env.id, "delay-warning")
+    log.info(f"{env.id}: delay notice to <{env.sender}> as {nid}")
+    return nid
 
 
 def _permanent(dsn: str) -> str:
@@ -129,8 +176,29 @@ def _deliver_local(msg: _core.MessageFile, env: Envelope, users: Sequence[str], 
         done([local.deliver(msg, env.sender, user, config, now=time.time())])
 
 
-def run_queue(spool: Spool, config: Config, log: Log,
-              ids: Sequence[str] | None = None) -> list[RunResult]:
-    """Run the given messages (default: every queued message) now."""
+def run_queue(spool: Spool, config: Config, log: Log, ids: Sequence[str] | None = None, *,
+              due_only: bool = False, now: float | None = None) -> list[RunResult]:
+    """Run the given messages (default: every queued message) now; with ``due_only`` (the
+    timer-driven runner) only those whose retry time has come."""
     spool.clean_debris()
-    return [deliver_message(spool, qid, config, log) for qid in (ids or spool.ids())]
+    results = []
+    for qid in ids or spool.ids():
+        if due_only:
+            try:
+                msg, env = spool.open(qid)
+            except FileNotFoundError:
+                continue
+            except (DmaError, OSError) as e:
+                log.error(f"{qid}: unreadable queue file, not delivered: {e}")
+                continue
+            msg.close()
+            if not is_due(spool.states(env), config, time.time() if now is None else now):
+                continue
+        try:
+            results.append(deliver_message(spool, qid, config, log))
+        except SpoolCorrupt as e:
+            log.error(f"{qid}: refusing to deliver a damaged queue file ({e}); "
+                      f"inspect it with 'dma queue show {qid}' or remove it with "
+                      f"'dma queue delete {qid}'")
+            results.append(RunResult(qid, [], claimed=False, error=str(e)))
+    return results

@@ -266,6 +266,7 @@ class Connection:
         addresses = self.host.addresses or (self.host.name,)
         last: DeliveryError | None = None
         for addr in addresses:
+            self.tls_note = ""
             try:
                 try:
                     self._open_address(addr, use_tls=True)

@@ -10,6 +10,8 @@ Layout and crash behaviour are described in docs/internals.md.  In short:
 * ``journal/ID``  one JSON line per delivery result, appended with one ``write``; a crash
                   loses at most the lines of deliveries in flight (a possible duplicate,
                   never a loss).
+* ``hold/ID``     a message put on hold by the administrator (moved by rename; not
+                  delivered until released).
 
 Only this module knows the paths; everything above it speaks queue ids.
 """
@@ -99,6 +101,7 @@ class QueueEntry:
     states: dict[str, RecipientState] = field(default_factory=dict)
     error: str = ""
     """Set when the queue file could not be read (corrupt, vanished)."""
+    held: bool = False
 
 
 def new_id(now: float | None = None) -> str:
@@ -117,12 +120,13 @@ class Spool:
         self.tmp_dir = os.path.join(root, "tmp")
         self.queue_dir = os.path.join(root, "queue")
         self.journal_dir = os.path.join(root, "journal")
+        self.hold_dir = os.path.join(root, "hold")
 
     # -- writing -----------------------------------------------------------------------
 
     def ensure(self) -> None:
         """Create the spool directories if missing (mode 0700: the spool holds others' mail)."""
-        for d in (self.root, self.tmp_dir, self.queue_dir, self.journal_dir):
+        for d in (self.root, self.tmp_dir, self.queue_dir, self.journal_dir, self.hold_dir):
             try:
                 os.mkdir(d, 0o700)
             except FileExistsError:
@@ -153,21 +157,28 @@ class Spool:
 
     # -- reading -------------------------------------------------------------------------
 
-    def ids(self) -> list[str]:
+    def ids(self, *, held: bool = False) -> list[str]:
         try:
-            names = os.listdir(self.queue_dir)
+            names = os.listdir(self.hold_dir if held else self.queue_dir)
         except FileNotFoundError:
             return []
         return sorted(n for n in names if _valid_id(n))
 
-    def path(self, qid: str) -> str:
+    def path(self, qid: str, *, held: bool = False) -> str:
         if not _valid_id(qid):
             raise SpoolError(f"invalid queue id {qid!r}")
-        return os.path.join(self.queue_dir, qid)
+        return os.path.join(self.hold_dir if held else self.queue_dir, qid)
 
-    def open(self, qid: str) -> tuple[_core.MessageFile, Envelope]:
-        msg = _core.MessageFile(self.path(qid))
+    def open(self, qid: str, *, held: bool = False) -> tuple[_core.MessageFile, Envelope]:
+        msg = _core.MessageFile(self.path(qid, held=held))
         return msg, Envelope.from_bytes(msg.envelope(), msg.path)
+
+    def find(self, qid: str) -> bool | None:
+        """Where a message is: False queued, True held, None not in the spool."""
+        for held in (False, True):
+            if os.path.exists(self.path(qid, held=held)):
+                return held
+        return None
 
     def states(self, envelope: Envelope) -> dict[str, RecipientState]:
         """Each recipient's latest state from the journal (pending when it has no line)."""
@@ -180,6 +191,8 @@ class Spool:
         for line in lines:
             try:
                 rec = json.loads(line)
+                if "event" in rec:
+                    continue
                 st = states[rec["rcpt"]]
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line after a crash, or a foreign recipient
@@ -193,11 +206,31 @@ class Spool:
 
     def record(self, qid: str, outcome: Outcome, *, now: float | None = None) -> None:
         """Append one delivery result to the message's journal (one write, O_APPEND)."""
-        line = json.dumps({
+        self._append(qid, {
             "t": time.time() if now is None else now, "rcpt": outcome.recipient,
             "status": outcome.status, "reply": outcome.reply, "dsn": outcome.dsn,
             "relay": outcome.relay,
-        }, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        })
+
+    def events(self, qid: str) -> set[str]:
+        """Message-level events recorded in the journal (e.g. ``delay-warning`` sent)."""
+        found: set[str] = set()
+        try:
+            with open(os.path.join(self.journal_dir, qid), "rb") as f:
+                for line in f.read().splitlines():
+                    try:
+                        found.add(str(json.loads(line)["event"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return found
+
+    def mark(self, qid: str, event: str, *, now: float | None = None) -> None:
+        self._append(qid, {"t": time.time() if now is None else now, "event": event})
+
+    def _append(self, qid: str, doc: dict[str, object]) -> None:
+        line = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         fd = os.open(os.path.join(self.journal_dir, qid),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
@@ -206,11 +239,12 @@ class Spool:
             os.close(fd)
 
     @contextmanager
-    def locked(self, qid: str) -> Iterator[tuple[_core.MessageFile, Envelope] | None]:
+    def locked(self, qid: str, *, held: bool = False
+               ) -> Iterator[tuple[_core.MessageFile, Envelope] | None]:
         """Claim a message for delivery: yields it, or None when another runner holds it
         (or it vanished because that runner finished it)."""
         try:
-            msg, env = self.open(qid)
+            msg, env = self.open(qid, held=held)
         except FileNotFoundError:
             yield None
             return
@@ -220,7 +254,7 @@ class Spool:
             except BlockingIOError:
                 yield None
                 return
-            # The message may have been finished and removed while we waited for the lock.
+            # The message may have been finished, removed or moved while we took the lock.
             if not os.path.exists(msg.path):
                 yield None
                 return
@@ -228,10 +262,16 @@ class Spool:
         finally:
             msg.close()
 
+    def move(self, qid: str, *, to_hold: bool) -> None:
+        """Hold or release a message (a rename; the caller holds its lock)."""
+        os.rename(self.path(qid, held=not to_hold), self.path(qid, held=to_hold))
+        _fsync_dir(self.hold_dir if to_hold else self.queue_dir)
+
     def remove(self, qid: str) -> None:
         """Remove a finished message: queue file first, so a crash leaves at most an orphan
         journal (cleaned by :meth:`clean_debris`), never a message without its journal."""
-        for path in (self.path(qid), os.path.join(self.journal_dir, qid)):
+        for path in (self.path(qid), self.path(qid, held=True),
+                     os.path.join(self.journal_dir, qid)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -241,7 +281,7 @@ class Spool:
         """Remove temp files older than an hour and journals without a message."""
         now = time.time() if now is None else now
         removed = 0
-        queued = set(self.ids())
+        queued = set(self.ids()) | set(self.ids(held=True))
         for d, keep in ((self.tmp_dir, None), (self.journal_dir, queued)):
             try:
                 names = os.listdir(d)
@@ -262,25 +302,39 @@ class Spool:
         return removed
 
     def listing(self) -> list[QueueEntry]:
-        """Every queued message with its recipients' states; no locks, no side effects."""
+        """Every queued and held message with its recipients' states; no locks, no side
+        effects."""
         entries = []
-        for qid in self.ids():
-            path = os.path.join(self.queue_dir, qid)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            try:
-                msg, env = self.open(qid)
-            except FileNotFoundError:
-                continue
-            except (SpoolCorrupt, OSError) as e:
-                entries.append(QueueEntry(qid, None, st.st_size, st.st_mtime, error=str(e)))
-                continue
-            size = msg.size
-            msg.close()
-            entries.append(QueueEntry(qid, env, size, st.st_mtime, self.states(env)))
+        for held in (False, True):
+            for qid in self.ids(held=held):
+                entry = self.entry(qid, held=held)
+                if entry is not None:
+                    entries.append(entry)
+        entries.sort(key=lambda e: e.id)
         return entries
+
+    def entry(self, qid: str, *, held: bool = False) -> QueueEntry | None:
+        try:
+            st = os.stat(self.path(qid, held=held))
+        except FileNotFoundError:
+            return None
+        try:
+            msg, env = self.open(qid, held=held)
+        except FileNotFoundError:
+            return None
+        except (SpoolCorrupt, OSError) as e:
+            return QueueEntry(qid, None, st.st_size, st.st_mtime, error=str(e), held=held)
+        size = msg.size
+        msg.close()
+        return QueueEntry(qid, env, size, st.st_mtime, self.states(env), held=held)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def spool_error(e: OSError, what: str) -> SpoolError:
