@@ -169,3 +169,16 @@ def test_hundred_megabytes_through_smarthost(site: DmaSite, smarthost: ScriptedS
     assert peak_mb < 80
     (t,) = smarthost.transactions
     assert len(body_received(t)) == src.stat().st_size - len(b"Subject: big\n\n")
+
+
+def test_queue_run_reuses_one_connection(site: DmaSite, smarthost: ScriptedServer) -> None:
+    bodies = [f"message {i}\n".encode() * (i + 1) for i in range(20)]
+    for i, body in enumerate(bodies):
+        r = site.run("-bq", "-f", "root@mail.test", f"r{i}@example.org",
+                     input=b"Subject: many\n\n" + body)
+        assert r.returncode == 0, r.stderr
+    assert site.run("-q").returncode == 0
+    assert site.queue_ids() == []
+    assert len(smarthost.sessions) == 1
+    got = sorted(body_received(t) for t in smarthost.transactions)
+    assert got == sorted(bodies)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dma import _core, bounce, route
 from dma.config import Config
@@ -16,6 +17,9 @@ from dma.errors import DmaError, SpoolCorrupt
 from dma.log import Log
 from dma.outcome import Outcome, Status
 from dma.spool import Envelope, RecipientState, Spool
+
+if TYPE_CHECKING:
+    from dma import smtp
 
 
 @dataclass
@@ -36,7 +40,7 @@ class RunResult:
 
 
 def _remote(msg: _core.MessageFile, env: Envelope, dest: route.Destination, config: Config,
-            log: Log) -> list[Outcome]:
+            log: Log, pool: smtp.ConnectionPool | None) -> list[Outcome]:
     """One destination: resolve it, then one SMTP transaction with all its recipients."""
     try:
         hosts = route.resolve(dest, config)
@@ -52,12 +56,13 @@ def _remote(msg: _core.MessageFile, env: Envelope, dest: route.Destination, conf
             log.warning(f"{config.authpath} is readable by other users; it holds passwords "
                         f"(chmod 640, owner root:mail)")
     return smtp.deliver(msg, env.sender, dest.recipients, hosts, dest, config, table, log,
-                        queue_id=env.id, created=env.created)
+                        queue_id=env.id, created=env.created, pool=pool)
 
 
-def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResult:
+def deliver_message(spool: Spool, qid: str, config: Config, log: Log,
+                    pool: smtp.ConnectionPool | None = None) -> RunResult:
     """Attempt every pending recipient of one message now; bounce and remove it once no
-    recipient is left to try."""
+    recipient is left to try.  ``pool`` keeps SMTP sessions open across messages."""
     with spool.locked(qid) as claimed:
         if claimed is None:
             return RunResult(qid, [], claimed=False)
@@ -83,8 +88,9 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResu
 
         if plan.remote:
             workers = max(1, min(config.max_parallel, len(plan.remote)))
-            with ThreadPoolExecutor(workers) as pool:
-                futures = [pool.submit(_remote, msg, env, d, config, log) for d in plan.remote]
+            with ThreadPoolExecutor(workers) as workers_pool:
+                futures = [workers_pool.submit(_remote, msg, env, d, config, log, pool)
+                           for d in plan.remote]
                 # Local deliveries run meanwhile in this thread; results are journalled as
                 # soon as each is known (only this thread writes the journal).
                 _deliver_local(msg, env, plan.local, config, done)
@@ -96,7 +102,7 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log) -> RunResu
                                                                         log)
     if notice is not None:
         # The sender hears at once, as with C dma; if this attempt defers, the queue retries.
-        deliver_message(spool, notice, config, log)
+        deliver_message(spool, notice, config, log, pool)
     return RunResult(qid, outcomes)
 
 
@@ -180,9 +186,18 @@ def run_queue(spool: Spool, config: Config, log: Log, ids: Sequence[str] | None 
               due_only: bool = False, now: float | None = None) -> list[RunResult]:
     """Run the given messages (default: every queued message) now; with ``due_only`` (the
     timer-driven runner) only those whose retry time has come."""
+    from dma import smtp
+
     spool.clean_debris()
+    with smtp.ConnectionPool() as pool:
+        return _run_all(spool, config, log, ids or spool.ids(), due_only,
+                        time.time() if now is None else now, pool)
+
+
+def _run_all(spool: Spool, config: Config, log: Log, ids: Sequence[str], due_only: bool,
+             now: float, pool: smtp.ConnectionPool) -> list[RunResult]:
     results = []
-    for qid in ids or spool.ids():
+    for qid in ids:
         if due_only:
             try:
                 msg, env = spool.open(qid)
@@ -192,10 +207,10 @@ def run_queue(spool: Spool, config: Config, log: Log, ids: Sequence[str] | None 
                 log.error(f"{qid}: unreadable queue file, not delivered: {e}")
                 continue
             msg.close()
-            if not is_due(spool.states(env), config, time.time() if now is None else now):
+            if not is_due(spool.states(env), config, now):
                 continue
         try:
-            results.append(deliver_message(spool, qid, config, log))
+            results.append(deliver_message(spool, qid, config, log, pool))
         except SpoolCorrupt as e:
             log.error(f"{qid}: refusing to deliver a damaged queue file ({e}); "
                       f"inspect it with 'dma queue show {qid}' or remove it with "

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import click
 
 from dma import config as config_mod
-from dma.errors import EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OSERR, DmaError
+from dma.errors import EX_CANTCREAT, EX_CONFIG, EX_NOPERM, EX_OSERR, ConfigError, DmaError
 
 MARKER = "# Installed by dma setup; dma setup --uninstall removes it."
 BACKUP_SUFFIX = ".pre-dma"
@@ -408,6 +408,8 @@ class Placed(Action):
                                f".{os.path.basename(self.path)}.dma-setup")
             if _lexists(tmp):
                 os.unlink(tmp)
+            if self.is_current():  # an earlier action made it so
+                return f"{self.settled_word}: {self.describe()}"
             self.make(tmp)
             try:
                 if _lexists(self.path) and not self.is_ours() and not _lexists(self.backup):
@@ -436,24 +438,40 @@ class Link(Placed):
     kind = "link"
 
     def __init__(self, host: Host, path: str, target: str | None, name: str,
-                 uninstall: bool = False) -> None:
+                 uninstall: bool = False, via: Sequence[str] = ()) -> None:
         super().__init__(host, path, uninstall)
-        self.target, self.name = target, name
+        self.target, self.name, self.via = target, name, tuple(via)
+
+    def _points_via(self) -> bool:
+        """A link to another of the links dma manages (Debian's /usr/lib/sendmail ->
+        ../sbin/sendmail): right as it is, and not dma's to remove."""
+        if not self.via or not os.path.islink(self.path):
+            return False
+        dest = os.readlink(self.path)
+        if os.path.isabs(dest):
+            dest = self.host.path(dest)
+        else:
+            dest = os.path.normpath(os.path.join(os.path.dirname(self.path), dest))
+        return dest in self.via
 
     def target_text(self) -> str:
         return f"{self.path} -> {self.target}"
 
     def describe(self) -> str:
+        if self._points_via():
+            return f"link {self.path} -> {os.readlink(self.path)} (leads to dma's)"
         if not self.uninstall:
             return f"link {self.target_text()}"
         return super().describe()
 
     def is_current(self) -> bool:
+        if self._points_via():
+            return True
         return (self.target is not None and os.path.islink(self.path)
                 and _same_file(self.path, self.target))
 
     def is_ours(self) -> bool:
-        if not os.path.islink(self.path):
+        if not os.path.islink(self.path) or self._points_via():
             return False
         if os.path.exists(self.path):
             return is_dma_script(os.path.realpath(self.path))
@@ -769,6 +787,10 @@ def _require(name: str) -> str:
     return path
 
 
+def _via(host: Host, name: str) -> list[str]:
+    return [host.path(p) for p, n in LINKS if n == name]
+
+
 def plan_install(host: Host, cfg: config_mod.Config, conf_path: str, conf_for_system: str | None,
                  init: str) -> Plan:
     for name, value in (("SPOOLDIR", cfg.spooldir), ("MAILSPOOL", cfg.mailspool)):
@@ -789,7 +811,8 @@ def plan_install(host: Host, cfg: config_mod.Config, conf_path: str, conf_for_sy
         actions.append(Link(host, host.path(system_path), scripts[name], name))
     for system_path, name in OPTIONAL_LINKS:
         if _lexists(host.path(system_path)):
-            actions.append(Link(host, host.path(system_path), scripts[name], name))
+            actions.append(Link(host, host.path(system_path), scripts[name], name,
+                                via=_via(host, name)))
 
     if init == "systemd":
         units = [ManagedFile(host, host.path(os.path.join(UNIT_DIR, name)), text)
@@ -837,9 +860,12 @@ def plan_uninstall(host: Host, cfg: config_mod.Config, conf_path: str) -> Plan:
     actions.append(Systemctl(host, ["daemon-reload"], any_units, "no dma units to forget"))
     actions.append(ManagedFile(host, host.path(CRON_FILE), "", uninstall=True))
     dma_scripts = {name: find_script(name) for name in ("sendmail", "mailq", "newaliases")}
-    for system_path, name in LINKS + OPTIONAL_LINKS:
+    for system_path, name in LINKS:
         actions.append(Link(host, host.path(system_path), dma_scripts[name], name,
                             uninstall=True))
+    for system_path, name in OPTIONAL_LINKS:
+        actions.append(Link(host, host.path(system_path), dma_scripts[name], name,
+                            uninstall=True, via=_via(host, name)))
     actions.append(Keep(f"{host.path(cfg.spooldir)}: the mail queue; remove it by hand once"
                         " `mailq` says it is empty"))
     actions.append(Keep(f"{host.path(cfg.mailspool)}: the local mailboxes"))
@@ -860,7 +886,8 @@ def execute(plan: Plan, out: Callable[[str], None]) -> int:
             changes += action.counts()
         else:
             line = action.apply()
-            changes += line is None and action.counts()
+            if line is None and action.counts():
+                changes += 1
             out(line or f"done: {change}")
     return changes
 
@@ -912,15 +939,19 @@ def command(ctx: click.Context, dry_run: bool, uninstall: bool, root: str | None
         named, explicit = config_mod.default_path()
     else:
         explicit = True
+    conf_for_system: str | None = None
     if explicit:
         conf_path = os.path.abspath(named)
-        cfg = config_mod.load(conf_path)
         system_conf = host.system_path(conf_path)
-        conf_for_system = None if system_conf == config_mod.DEFAULT_PATH else system_conf
+        if system_conf != config_mod.DEFAULT_PATH:
+            conf_for_system = system_conf  # the queue runner must read it too
     else:
         conf_path = host.path(config_mod.DEFAULT_PATH)
-        cfg = config_mod.load(conf_path) if _lexists(conf_path) else config_mod.Config()
-        conf_for_system = None
+    try:
+        cfg = (config_mod.load(conf_path) if explicit or _lexists(conf_path)
+               else config_mod.Config())
+    except ConfigError as e:
+        raise SetupError("reading the configuration", str(e), EX_CONFIG) from None
 
     if init == "auto":
         init = "systemd" if host.systemd_running else "cron"

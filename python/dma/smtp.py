@@ -436,6 +436,24 @@ class Connection:
         finally:
             client.close()
 
+    def reset(self) -> bool:
+        """RSET before reusing the session for another message; False (and closed) when the
+        server is gone or does not answer 250, so the caller opens a fresh connection."""
+        client = self._client
+        if client is None or client.sock is None:
+            return False
+        try:
+            client.timeout_s = float(self.config.mail_timeout)
+            client.putcmd("RSET")
+            code, _ = client.getreply()
+        except Exception:  # noqa: BLE001 - any failure means: do not reuse
+            code = 0
+        if code != 250:
+            self.close()
+            return False
+        self._need_rset = False
+        return True
+
     # -- the transaction ----------------------------------------------------------------
 
     def send(self, msg: MessageLike, sender: str, recipients: Sequence[str]) -> list[Outcome]:
@@ -696,9 +714,50 @@ class Connection:
 # -- deliver -------------------------------------------------------------------------------
 
 
+class ConnectionPool:
+    """Sessions kept open for the length of one queue run, one per (kind, host, port), so
+    that many messages to one smarthost share a connection.  Thread-safe: a session is
+    taken out while in use."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, str, int], Connection] = {}
+        self._lock = threading.Lock()
+        self.opened = 0
+        """Connections opened through this pool (for logs and benchmarks)."""
+
+    def take(self, key: tuple[str, str, int]) -> Connection | None:
+        with self._lock:
+            conn = self._idle.pop(key, None)
+        if conn is not None and conn.reset():
+            return conn
+        return None
+
+    def give(self, key: tuple[str, str, int], conn: Connection) -> None:
+        if not conn.is_open:
+            conn.close()
+            return
+        with self._lock:
+            old, self._idle[key] = self._idle.get(key), conn
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), {}
+        for conn in idle:
+            conn.close()
+
+    def __enter__(self) -> ConnectionPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def deliver(msg: MessageLike, sender: str, recipients: Sequence[str], hosts: Sequence[Host],
             dest: Destination, config: Config, auth: AuthTable | None, log: Log, *,
-            queue_id: str = "", created: float | None = None) -> list[Outcome]:
+            queue_id: str = "", created: float | None = None,
+            pool: ConnectionPool | None = None) -> list[Outcome]:
     """Delivers one message to one destination: hosts in order, each address of each host,
     until every recipient has a final answer; recipients deferred by one host are tried at
     the next.  Returns one Outcome per (distinct) recipient, in order.  Logs one line per
@@ -715,15 +774,23 @@ def deliver(msg: MessageLike, sender: str, recipients: Sequence[str], hosts: Seq
         if not pending:
             break
         t0 = time.time()
-        conn = Connection(host, config, kind=dest.kind, auth=auth, policy=policy)
+        key = (dest.kind, host.name, host.port)
+        reused = pool.take(key) if pool is not None else None
+        conn = reused or Connection(host, config, kind=dest.kind, auth=auth, policy=policy)
         try:
-            conn.open()
+            if reused is None:
+                conn.open()
+                if pool is not None:
+                    pool.opened += 1
             outs = conn.send(msg, sender, pending)
         except DeliveryError as e:
             outs = [Outcome(r, e.status, e.reply, e.dsn, e.relay or conn.relay) for r in pending]
         finally:
             tls_version, note = conn.tls_version, conn.tls_note
-            conn.close()
+            if pool is not None:
+                pool.give(key, conn)
+            else:
+                conn.close()
         _log_attempt(log, queue_id, outs, conn.relay, tls_version, note, msg.size,
                      time.time() - (created if created is not None else t0))
         for o in outs:
