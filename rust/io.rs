@@ -162,6 +162,21 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// `flock(fd, op)`, retrying EINTR (a blocking `LOCK_EX` waits only for a queue runner's
+/// momentary probe).
+pub fn flock(fd: RawFd, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on an integer descriptor.
+        if unsafe { libc::flock(fd, op) } == 0 {
+            return Ok(());
+        }
+        let err = last_err();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
 /// Create a new file for writing: `O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC|O_WRONLY`, mode 0600.
 pub fn create_excl(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -376,6 +391,19 @@ mod tests {
         let mut f = File::create(&p).unwrap();
         f.write_all(b"x").unwrap();
         assert_eq!(fd_path(f.as_raw_fd()).unwrap(), p);
+    }
+
+    #[test]
+    fn flock_conflicts_between_descriptions() {
+        let t = TempDir::new();
+        let p = t.path().join("a");
+        let a = create_excl(&p).unwrap();
+        flock(a.as_raw_fd(), libc::LOCK_EX).unwrap();
+        let b = open_read(&p).unwrap();
+        let e = flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK));
+        drop(a);
+        flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use crate::error::{CoreError, Result};
 use crate::footer::{Footer, FOOTER_LEN};
 use crate::io;
-use crate::transform::{Kind, Stats, Transform};
+use crate::transform::{Kind, Stats, Transform, SMTP_LINE_LIMIT};
 use std::os::unix::io::{IntoRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -295,6 +295,13 @@ impl MessageFile {
         if self.shared.is_closed() {
             return Err(closed_error());
         }
+        // smtp-wrap output is exactly smtp output when no line is longer than the limit (the
+        // footer knows the longest line), and smtp has the faster loop.
+        let kind = if kind == Kind::SmtpWrap && self.max_line() <= SMTP_LINE_LIMIT as u64 {
+            Kind::Smtp
+        } else {
+            kind
+        };
         let prev = if offset > 0 {
             let mut b = [0u8; 1];
             pread_exact(&self.shared, &self.path, &mut b, offset - 1)?;
@@ -302,16 +309,41 @@ impl MessageFile {
         } else {
             None
         };
+        let transform = match prev {
+            // Resumed inside a line: smtp-wrap needs the position in that line.
+            Some(b) if b != b'\n' && kind == Kind::SmtpWrap => {
+                Transform::resume_in_line(kind, prev, offset - self.line_start(offset)?)
+            }
+            _ => Transform::resume(kind, prev),
+        };
         Ok(Cursor {
             shared: Arc::clone(&self.shared),
             path: Arc::clone(&self.path),
             end: self.size(),
             pos: offset,
-            transform: Transform::resume(kind, prev),
+            transform,
             chunk,
             inbuf: Vec::new(),
             done: false,
         })
+    }
+
+    /// The offset of the start of the line holding the byte at `offset - 1`: just after the
+    /// last LF before `offset`, or 0. Reads backwards in 64 KiB steps.
+    fn line_start(&self, offset: u64) -> Result<u64> {
+        const STEP: u64 = 64 << 10;
+        let mut buf = vec![0u8; STEP as usize];
+        let mut end = offset;
+        while end > 0 {
+            let start = end.saturating_sub(STEP);
+            let b = &mut buf[..(end - start) as usize];
+            pread_exact(&self.shared, &self.path, b, start)?;
+            if let Some(i) = memchr::memrchr(b'\n', b) {
+                return Ok(start + i as u64 + 1);
+            }
+            end = start;
+        }
+        Ok(0)
     }
 
     /// The whole message part (for tests and small messages only).
@@ -371,6 +403,8 @@ impl Cursor {
         self.pos - self.transform.held()
     }
 
+    /// The transform in use (`smtp` for an `smtp-wrap` cursor over a message without long
+    /// lines: the output is the same).
     pub fn kind(&self) -> Kind {
         self.transform.kind()
     }
@@ -509,7 +543,10 @@ mod tests {
                 _ => m.extend_from_slice(format!("ordinary line {i}\n").as_bytes()),
             }
         }
-        m.extend_from_slice(b"no final newline.");
+        m.extend(vec![b'L'; 3000]);
+        m.extend_from_slice(b"\n.");
+        m.extend(vec![b'M'; 2000]);
+        m.extend_from_slice(b"\nno final newline.");
         m
     }
 
@@ -642,7 +679,7 @@ mod tests {
         let msg = sample_message();
         let p = make(t.path(), "m", &msg, b"{}");
         let m = MessageFile::open(&p).unwrap();
-        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+        for kind in Kind::ALL {
             let want = transform_all(kind, &msg);
             for chunk in [1, 2, 3, 7, 64, 1 << 20] {
                 if chunk < 7 && kind != Kind::Mbox {
@@ -658,7 +695,7 @@ mod tests {
         let small = b"From a\n.\n>From b\nx\r\n..\nFrom";
         let p = make(t.path(), "s", small, b"");
         let m = MessageFile::open(&p).unwrap();
-        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+        for kind in Kind::ALL {
             for chunk in [1, 2, 3, 7, 64, 1 << 20] {
                 let mut c = m.cursor(kind, 0, chunk).unwrap();
                 assert_eq!(collect(&mut c), transform_all(kind, small));
@@ -672,7 +709,7 @@ mod tests {
         let msg = b"From a\n>From b\n.c\nmid From x\n";
         let p = make(t.path(), "m", msg, b"");
         let m = MessageFile::open(&p).unwrap();
-        for kind in [Kind::Mbox, Kind::Smtp] {
+        for kind in [Kind::Mbox, Kind::Smtp, Kind::SmtpWrap] {
             let whole = transform_all(kind, msg);
             // stop a byte-chunk cursor after some chunks, resume a new one at its offset
             for stop in 1..msg.len() {
@@ -695,6 +732,37 @@ mod tests {
         ));
         let mut c = m.cursor(Kind::Smtp, msg.len() as u64, 10).unwrap();
         assert_eq!(collect(&mut c), b".\r\n");
+    }
+
+    #[test]
+    fn smtp_wrap_cursor_resume_mid_line() {
+        let t = TempDir::new();
+        let mut msg = vec![b'x'; 2500];
+        msg.extend_from_slice(b"\n.short\n");
+        msg.extend(vec![b'.'; 70_000]); // longer than one backward read step
+        msg.extend_from_slice(b"\nend");
+        let p = make(t.path(), "m", &msg, b"");
+        let m = MessageFile::open(&p).unwrap();
+        let whole = transform_all(Kind::SmtpWrap, &msg);
+        assert_eq!(collect(&mut m.cursor(Kind::SmtpWrap, 0, 1 << 20).unwrap()), whole);
+        let mut offs: Vec<usize> = vec![1, 997, 998, 999, 1995, 1996, 2500, 2501, 2502, 2509];
+        offs.extend([2510, 3507, 3508, 50_000, 72_509, 72_510, 72_511, msg.len()]);
+        for off in offs {
+            for chunk in [7, 4096] {
+                let mut c = m.cursor(Kind::SmtpWrap, 0, chunk).unwrap();
+                let mut got = Vec::new();
+                while c.offset() < off as u64 && c.next_into(&mut got).unwrap() {}
+                let o = c.offset();
+                let mut d = m.cursor(Kind::SmtpWrap, o, 1000).unwrap();
+                got.extend(collect(&mut d));
+                assert!(got == whole, "resumed at {o}");
+            }
+        }
+        // no long line: smtp's loop, same output
+        let p = make(t.path(), "s", b"a\n.b\n", b"");
+        let m = MessageFile::open(&p).unwrap();
+        let c = m.cursor(Kind::SmtpWrap, 0, 10).unwrap();
+        assert_eq!(c.kind(), Kind::Smtp);
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! - `crlf`: LF -> CRLF; a CR that is not part of a line end is left alone; no terminator.
 //! - `smtp`: LF -> CRLF, a line starting with "." gets one more "." (RFC 5321 4.5.2), then the
 //!   terminator: ".\r\n" for an empty message or one ending in LF, else "\r\n.\r\n".
+//! - `smtp-wrap`: `smtp`, and a line longer than `SMTP_LINE_LIMIT` (998) octets is broken the
+//!   way Postfix does (`smtp_line_length_limit`): after every 998 octets of an output line,
+//!   "\r\n " is inserted, and the continuation (its leading space included) again counts toward
+//!   998. The dot added by stuffing is not counted (RFC 5321 4.5.3.1.6); stuffing applies only
+//!   at real line starts. A line of at most 998 octets is output exactly as by `smtp`.
 //! - `mbox`: mboxrd: a line matching `^>*From ` gets one more ">"; a missing final LF is added
 //!   (not to an empty message); then one empty line ("\n") ends the entry.
 //!
@@ -67,20 +72,28 @@ pub enum Kind {
     Raw,
     Crlf,
     Smtp,
+    /// `smtp` with long lines broken at `SMTP_LINE_LIMIT` octets.
+    SmtpWrap,
     Mbox,
 }
 
+/// Longest output line of `smtp-wrap` in octets, CRLF excluded (RFC 5321 4.5.3.1.6: 1000
+/// with the CRLF; Postfix `smtp_line_length_limit`).
+pub const SMTP_LINE_LIMIT: usize = 998;
+
 impl Kind {
-    pub const NAMES: [&'static str; 4] = ["raw", "crlf", "smtp", "mbox"];
+    pub const NAMES: [&'static str; 5] = ["raw", "crlf", "smtp", "smtp-wrap", "mbox"];
+    pub const ALL: [Kind; 5] = [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::SmtpWrap, Kind::Mbox];
 
     pub fn parse(name: &str) -> Result<Kind> {
         match name {
             "raw" => Ok(Kind::Raw),
             "crlf" => Ok(Kind::Crlf),
             "smtp" => Ok(Kind::Smtp),
+            "smtp-wrap" => Ok(Kind::SmtpWrap),
             "mbox" => Ok(Kind::Mbox),
             _ => Err(CoreError::usage(format!(
-                "unknown kind {name:?}: expected one of raw, crlf, smtp, mbox"
+                "unknown kind {name:?}: expected one of raw, crlf, smtp, smtp-wrap, mbox"
             ))),
         }
     }
@@ -90,6 +103,7 @@ impl Kind {
             Kind::Raw => "raw",
             Kind::Crlf => "crlf",
             Kind::Smtp => "smtp",
+            Kind::SmtpWrap => "smtp-wrap",
             Kind::Mbox => "mbox",
         }
     }
@@ -112,6 +126,8 @@ pub struct Transform {
     in_prefix: bool,
     gt: u64,
     from: usize,
+    /// smtp-wrap: octets in the current output line (the stuffed dot not counted).
+    col: usize,
     finished: bool,
 }
 
@@ -135,8 +151,20 @@ impl Transform {
             in_prefix: kind == Kind::Mbox && at_line_start,
             gt: 0,
             from: 0,
+            col: 0,
             finished: false,
         }
+    }
+
+    /// `resume` for a transform whose line position matters (`smtp-wrap` counts octets per
+    /// line): `line_pos` is the number of source bytes between the start of the current line
+    /// and the resume offset (0 at a line start). Other kinds ignore it.
+    pub fn resume_in_line(kind: Kind, prev: Option<u8>, line_pos: u64) -> Transform {
+        let mut t = Transform::resume(kind, prev);
+        if !t.at_line_start {
+            t.col = wrap_col(line_pos);
+        }
+        t
     }
 
     pub fn kind(&self) -> Kind {
@@ -162,6 +190,7 @@ impl Transform {
             Kind::Raw => out.extend_from_slice(input),
             Kind::Crlf => self.feed_crlf(input, out, false),
             Kind::Smtp => self.feed_crlf(input, out, true),
+            Kind::SmtpWrap => self.feed_wrap(input, out),
             Kind::Mbox => self.feed_mbox(input, out),
         }
         self.any = true;
@@ -176,7 +205,7 @@ impl Transform {
         self.finished = true;
         match self.kind {
             Kind::Raw | Kind::Crlf => {}
-            Kind::Smtp => {
+            Kind::Smtp | Kind::SmtpWrap => {
                 if self.any && self.last != b'\n' {
                     out.extend_from_slice(b"\r\n");
                 }
@@ -259,6 +288,31 @@ impl Transform {
         self.at_line_start = at_start;
     }
 
+    /// `smtp-wrap`: LF -> CRLF, dot-stuffing at real line starts, and "\r\n " inserted
+    /// before an octet that would make the output line longer than `SMTP_LINE_LIMIT`. The
+    /// break is inserted lazily (only when another octet of the line follows), so a line of
+    /// exactly the limit, and a chunk ending exactly at the limit, need no look-ahead.
+    fn feed_wrap(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        // Output: every LF -> 2 bytes, a dot per line, 3 bytes per SMTP_LINE_LIMIT - 1 octets.
+        out.reserve(input.len() + input.len() / (SMTP_LINE_LIMIT - 1) * 3 + input.len() / 2 + 8);
+        let mut at_start = self.at_line_start;
+        let mut col = self.col;
+        let mut pos = 0usize;
+        for_each_lf(input, |nl| {
+            wrap_piece(&input[pos..nl], at_start, &mut col, out);
+            out.extend_from_slice(b"\r\n");
+            col = 0;
+            at_start = true;
+            pos = nl + 1;
+        });
+        if pos < input.len() {
+            wrap_piece(&input[pos..], at_start, &mut col, out);
+            at_start = false;
+        }
+        self.at_line_start = at_start;
+        self.col = col;
+    }
+
     /// Emit the held prefix: one extra ">" if it matched, then the ">"s and "From" bytes seen.
     fn flush_prefix(&mut self, matched: bool, out: &mut Vec<u8>) {
         let n = self.gt as usize + usize::from(matched);
@@ -322,6 +376,43 @@ impl Transform {
             }
         }
         None
+    }
+}
+
+/// Copy `piece`, a part of one line without its LF, breaking it at the line limit. `col` is
+/// the output line's length so far; `at_start` says that `piece` begins a line.
+#[inline]
+fn wrap_piece(piece: &[u8], at_start: bool, col: &mut usize, out: &mut Vec<u8>) {
+    let mut rest = piece;
+    if at_start && rest.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    if *col + rest.len() <= SMTP_LINE_LIMIT {
+        // The common case: the line fits.
+        out.extend_from_slice(rest);
+        *col += rest.len();
+        return;
+    }
+    while !rest.is_empty() {
+        if *col == SMTP_LINE_LIMIT {
+            out.extend_from_slice(b"\r\n ");
+            *col = 1;
+        }
+        let n = rest.len().min(SMTP_LINE_LIMIT - *col);
+        out.extend_from_slice(&rest[..n]);
+        *col += n;
+        rest = &rest[n..];
+    }
+}
+
+/// The `smtp-wrap` output column after `line_pos` source octets of a line: the first output
+/// line holds `SMTP_LINE_LIMIT` of them, each continuation a space and `SMTP_LINE_LIMIT - 1`.
+fn wrap_col(line_pos: u64) -> usize {
+    let limit = SMTP_LINE_LIMIT as u64;
+    if line_pos <= limit {
+        line_pos as usize
+    } else {
+        (1 + (line_pos - limit - 1) % (limit - 1) + 1) as usize
     }
 }
 
@@ -651,6 +742,22 @@ mod tests {
                         out.extend_from_slice(b"\r\n");
                     }
                 }
+                Kind::SmtpWrap => {
+                    if body.first() == Some(&b'.') {
+                        out.push(b'.');
+                    }
+                    let (first, mut rest) = body.split_at(body.len().min(SMTP_LINE_LIMIT));
+                    out.extend_from_slice(first);
+                    while !rest.is_empty() {
+                        let (seg, r) = rest.split_at(rest.len().min(SMTP_LINE_LIMIT - 1));
+                        out.extend_from_slice(b"\r\n ");
+                        out.extend_from_slice(seg);
+                        rest = r;
+                    }
+                    if nl {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
                 Kind::Mbox => {
                     let gts = body.iter().take_while(|&&b| b == b'>').count();
                     if body[gts..].starts_with(b"From ") {
@@ -665,7 +772,7 @@ mod tests {
             }
         }
         match kind {
-            Kind::Smtp => {
+            Kind::Smtp | Kind::SmtpWrap => {
                 if !input.is_empty() && !input.ends_with(b"\n") {
                     out.extend_from_slice(b"\r\n");
                 }
@@ -683,7 +790,7 @@ mod tests {
     }
 
     fn all_kinds(input: &[u8]) {
-        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+        for kind in Kind::ALL {
             assert_eq!(tr(kind, input), model(kind, input), "kind {kind:?}");
         }
     }
@@ -720,6 +827,121 @@ mod tests {
         // a stored CR (from "\r\r\n" input) is data: untouched
         assert_eq!(tr(Kind::Smtp, b"a\rb\r\n"), b"a\rb\r\r\n.\r\n");
         assert_eq!(tr(Kind::Smtp, b"x\r"), b"x\r\r\n.\r\n");
+    }
+
+    fn line(n: usize, fill: u8) -> Vec<u8> {
+        vec![fill; n]
+    }
+
+    /// Undo smtp-wrap: remove every inserted "\r\n ", then unstuff like smtp.
+    fn unwrap_smtp(out: &[u8]) -> Vec<u8> {
+        let body = out.strip_suffix(b".\r\n").expect("terminator");
+        let mut joined = Vec::new();
+        let mut i = 0;
+        while i < body.len() {
+            if body[i..].starts_with(b"\r\n ") {
+                i += 3;
+            } else {
+                joined.push(body[i]);
+                i += 1;
+            }
+        }
+        let mut m = Vec::new();
+        for l in joined.split_inclusive(|&b| b == b'\n') {
+            let l = l.strip_prefix(b".").unwrap_or(l);
+            m.extend_from_slice(&l[..l.len() - 2]);
+            m.push(b'\n');
+        }
+        m
+    }
+
+    /// Every output line of smtp-wrap is at most 998 octets, not counting a stuffed dot.
+    fn assert_lines_fit(out: &[u8]) {
+        for l in out.split_inclusive(|&b| b == b'\n') {
+            let body = l.strip_suffix(b"\r\n").unwrap_or(l);
+            let n = body.len() - usize::from(body.starts_with(b".."));
+            assert!(n <= SMTP_LINE_LIMIT, "line of {n}");
+        }
+    }
+
+    #[test]
+    fn smtp_wrap_edges() {
+        let smtp = |m: &[u8]| tr(Kind::Smtp, m);
+        let wrap = |m: &[u8]| {
+            let w = tr(Kind::SmtpWrap, m);
+            assert_eq!(w, model(Kind::SmtpWrap, m));
+            assert_lines_fit(&w);
+            w
+        };
+        // up to the limit: identical to smtp
+        for n in [0, 1, 997, 998] {
+            let mut m = line(n, b'a');
+            m.push(b'\n');
+            assert_eq!(wrap(&m), smtp(&m), "{n}");
+            assert_eq!(wrap(&m[..n]), smtp(&m[..n]), "{n} without LF");
+        }
+        let a998 = line(998, b'a');
+        let b997 = line(997, b'b');
+        // 999: one break
+        let mut m = a998.clone();
+        m.extend_from_slice(b"b\n");
+        assert_eq!(wrap(&m), [&a998[..], b"\r\n b\r\n.\r\n"].concat());
+        // 1995 = 998 + 997: two output lines exactly full
+        let m = [&a998[..], &b997[..], b"\n"].concat();
+        assert_eq!(wrap(&m), [&a998[..], b"\r\n ", &b997[..], b"\r\n.\r\n"].concat());
+        // 1996 and 1997: a third output line of 1 and 2 octets (plus the space)
+        let m = [&a998[..], &b997[..], b"c\n"].concat();
+        assert_eq!(
+            wrap(&m),
+            [&a998[..], b"\r\n ", &b997[..], b"\r\n c\r\n.\r\n"].concat()
+        );
+        let m = [&a998[..], &b997[..], b"cd\n"].concat();
+        assert_eq!(
+            wrap(&m),
+            [&a998[..], b"\r\n ", &b997[..], b"\r\n cd\r\n.\r\n"].concat()
+        );
+        // without a final newline
+        let m = [&a998[..], b"xy"].concat();
+        assert_eq!(wrap(&m), [&a998[..], b"\r\n xy\r\n.\r\n"].concat());
+        // leading dot: stuffed, not counted; a continuation starting with "." is not stuffed
+        let m = [b".", &a998[..], b".z\n"].concat();
+        let want = [b"..", &a998[..997], b"\r\n a.z\r\n.\r\n"].concat();
+        assert_eq!(wrap(&m), want);
+        let m = [&a998[..], b".\n.\n"].concat();
+        assert_eq!(wrap(&m), [&a998[..], b"\r\n .\r\n..\r\n.\r\n"].concat());
+        // a CR in a long line is an ordinary octet, also right at the break
+        let mut m = line(997, b'a');
+        m.extend_from_slice(b"\r\rx\n");
+        assert_eq!(
+            wrap(&m),
+            [&line(997, b'a')[..], b"\r\r\n \rx\r\n.\r\n"].concat()
+        );
+        // many breaks, several lines, round trip
+        let mut m = line(10_000, b'x');
+        m.extend_from_slice(b"\nshort\n.dot\n");
+        m.extend(line(2500, b'.'));
+        let w = wrap(&m);
+        assert_eq!(unwrap_smtp(&w), [&m[..], b"\n"].concat());
+    }
+
+    #[test]
+    fn smtp_wrap_resume_in_line() {
+        let mut m = line(3000, b'x');
+        m.extend_from_slice(b"\n");
+        m.extend(line(2100, b'.'));
+        let whole = transform_all(Kind::SmtpWrap, &m);
+        for off in [1, 500, 997, 998, 999, 1000, 1994, 1995, 1996, 2999, 3000, 3001, 3002, 4000] {
+            let ls = m[..off].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            // output for m[..off] without the terminator, then the resumed rest
+            let mut head = Vec::new();
+            let mut t = Transform::new(Kind::SmtpWrap);
+            t.feed(&m[..off], &mut head);
+            let mut rest = Vec::new();
+            let mut r = Transform::resume_in_line(Kind::SmtpWrap, Some(m[off - 1]), (off - ls) as u64);
+            r.feed(&m[off..], &mut rest);
+            r.finish(&mut rest);
+            assert!([head, rest].concat() == whole, "resume at {off}");
+        }
     }
 
     #[test]
@@ -774,6 +996,7 @@ mod tests {
         // Deterministic pseudo-random messages over an alphabet that hits every special case.
         let alphabet: &[&[u8]] = &[
             b"\n", b"\r", b".", b">", b"From ", b"From", b"F", b"x", b"\0", b"\xff", b"\r\n",
+            &[b'y'; 997], &[b'z'; 998], &[b'.'; 999],
         ];
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..400 {
@@ -795,7 +1018,7 @@ mod tests {
     #[test]
     fn resume_mid_message() {
         let m = b"From a\n.b\n>From c\nxy\nFrom ";
-        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+        for kind in Kind::ALL {
             let whole = transform_all(kind, m);
             for off in 0..=m.len() {
                 // Line starts are resumable points; the output from there is the whole output's
@@ -1125,7 +1348,7 @@ mod perf {
             );
         }
         let mut out = Vec::with_capacity(2 * (1 << 20) + 64);
-        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+        for kind in Kind::ALL {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = Instant::now();

@@ -3,16 +3,23 @@
 //! it is normalised.
 //!
 //! Life cycle and what a crash at each step leaves behind (see docs/internals.md):
-//! 1. `new` creates `tmp/ID` (O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600). Crash from here
-//!    until the rename in `commit`: `tmp/ID` debris, which queue runs delete.
+//! 1. `new` creates `tmp/ID` (O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600) and takes
+//!    `flock(LOCK_EX)` on that descriptor, held until commit/abort/drop. Crash from here until
+//!    the rename in `commit`: `tmp/ID` debris, which queue runs delete. The kernel drops the
+//!    lock of a dead process, so debris is unlocked while a live writer's file is locked.
 //! 2. `read_head` / `write_head` / `stream_rest` fill the message part.
-//! 3. `commit` appends envelope and footer, fsyncs the file, renames it to `queue/ID` without
-//!    replacing anything, then fsyncs `queue/` and `tmp/`. Crash after the rename: a complete
-//!    message. If anything fails after the rename, the rename is undone (best effort) so that
-//!    an error from `commit` means "not queued".
+//! 3. `commit(envelope, Some(queue/ID))` appends envelope and footer, fsyncs the file, renames
+//!    it to `queue/ID` without replacing anything, then fsyncs `queue/` and `tmp/`, then
+//!    unlocks and closes. Crash after the rename: a complete message. If anything fails after
+//!    the rename, the rename is undone (best effort, still under the lock) so that an error
+//!    from `commit` means "not queued".
+//!    `commit(envelope, None)` commits in place: the file was created at its final name;
+//!    envelope and footer are appended, the file and (if it can be opened: a drop directory
+//!    may be write-only for the submitter) its directory fsynced, then it is unlocked. On any
+//!    error the file is removed before the lock is released.
 //!
 //! `abort` (or dropping an uncommitted writer in the process that created it) removes the
-//! temporary file.
+//! temporary file, then closes it (so nobody sees it unlocked before it is gone).
 //!
 //! Reading input can be interrupted by a signal (EINTR): the call returns that error with all
 //! state kept, and calling the same method again resumes. Every other error leaves the writer
@@ -70,6 +77,12 @@ impl SpoolWriter {
             )));
         }
         let file = io::create_excl(path).map_err(|e| CoreError::io(e, path))?;
+        // Locked from the start, on the writing descriptor: a queue runner's
+        // flock(LOCK_EX|LOCK_NB) on its own descriptor fails while this writer lives.
+        if let Err(e) = io::flock(file.as_raw_fd(), libc::LOCK_EX) {
+            let _ = std::fs::remove_file(path);
+            return Err(CoreError::io(e, path));
+        }
         Ok(SpoolWriter {
             path: path.to_path_buf(),
             file: Some(file),
@@ -240,21 +253,44 @@ impl SpoolWriter {
         }
     }
 
-    /// Append the envelope and the footer, fsync, rename to `dest` (never replacing an
-    /// existing file), fsync the destination and source directories.
-    pub fn commit(&mut self, envelope: &[u8], dest: &Path) -> Result<()> {
+    /// Append the envelope and the footer and fsync. With `dest`, rename to `dest` (never
+    /// replacing an existing file) and fsync the destination and source directories. Without,
+    /// commit in place: fsync the file's directory, tolerating EACCES/EPERM when it cannot be
+    /// opened; on error the file is removed. The lock is released last.
+    pub fn commit(&mut self, envelope: &[u8], dest: Option<&Path>) -> Result<()> {
         if self.phase != Phase::Streamed {
             return Err(self.order_error("commit"));
         }
-        let r = self.commit_inner(envelope, dest);
+        let r = match dest {
+            Some(dest) => self.commit_rename(envelope, dest),
+            None => self.commit_in_place(envelope),
+        };
         match &r {
-            Ok(()) => self.phase = Phase::Committed,
+            Ok(()) => {
+                self.phase = Phase::Committed;
+                self.release();
+            }
+            Err(_) if dest.is_none() => {
+                // Remove while still locked, then unlock: nobody may find a complete-looking
+                // unlocked file after a failed commit.
+                let _ = std::fs::remove_file(&self.path);
+                self.phase = Phase::Aborted;
+                self.release();
+            }
             Err(_) => self.phase = Phase::Failed,
         }
         r
     }
 
-    fn commit_inner(&mut self, envelope: &[u8], dest: &Path) -> Result<()> {
+    /// Unlock (for every descriptor sharing the open file, a forked child's too) and close.
+    fn release(&mut self) {
+        if let Some(file) = self.file.take() {
+            let _ = io::flock(file.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+
+    /// Flush the message, append envelope and footer, fsync the file.
+    fn finish_file(&mut self, envelope: &[u8]) -> Result<()> {
         let env_len = u32::try_from(envelope.len())
             .map_err(|_| CoreError::usage("envelope larger than 4 GiB"))?;
         self.flush()?;
@@ -266,20 +302,22 @@ impl SpoolWriter {
             eight_bit: self.stats.eight_bit(),
             max_line: self.stats.max_line(),
         };
-        let path = self.path.clone();
-        {
-            let file = self
-                .file
-                .as_mut()
-                .ok_or_else(|| CoreError::usage("SpoolWriter: file is closed"))?;
-            let ioerr = |e| CoreError::io(e, &path);
-            file.write_all(envelope).map_err(ioerr)?;
-            file.write_all(&footer.encode()).map_err(ioerr)?;
-            io::fsync_fd(file.as_raw_fd()).map_err(ioerr)?;
-        }
+        let path = &self.path;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| CoreError::usage("SpoolWriter: file is closed"))?;
+        let ioerr = |e| CoreError::io(e, path);
+        file.write_all(envelope).map_err(ioerr)?;
+        file.write_all(&footer.encode()).map_err(ioerr)?;
+        io::fsync_fd(file.as_raw_fd()).map_err(ioerr)
+    }
+
+    fn commit_rename(&mut self, envelope: &[u8], dest: &Path) -> Result<()> {
+        self.finish_file(envelope)?;
         io::rename_noreplace(&self.path, dest).map_err(|e| CoreError::io(e, dest))?;
-        // From here the message is visible in the queue. Close, then make the rename durable.
-        self.file = None;
+        // From here the message is visible in the queue (still locked). Make the rename
+        // durable.
         let dest_dir = io::parent_dir(dest);
         let src_dir = io::parent_dir(&self.path);
         let mut synced = io::fsync_dir(&dest_dir).map_err(|e| CoreError::io(e, &dest_dir));
@@ -290,8 +328,21 @@ impl SpoolWriter {
             // Undo, so that a failed commit never leaves a message the caller thinks was
             // refused (it would be delivered and then submitted again).
             let _ = std::fs::remove_file(dest);
+            self.release();
         }
         synced
+    }
+
+    fn commit_in_place(&mut self, envelope: &[u8]) -> Result<()> {
+        self.finish_file(envelope)?;
+        let dir = io::parent_dir(&self.path);
+        match io::fsync_dir(&dir) {
+            Ok(()) => Ok(()),
+            // A submitter may write into a drop directory it cannot read (mode 1733): the
+            // entry was made by its own O_EXCL create, which is all it can do.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => Ok(()),
+            Err(e) => Err(CoreError::io(e, &dir)),
+        }
     }
 
     /// Remove the temporary file. Idempotent; after a successful commit it does nothing.
@@ -301,14 +352,16 @@ impl SpoolWriter {
             _ => {}
         }
         self.phase = Phase::Aborted;
-        self.file = None;
         self.inbuf = Vec::new();
         self.out = Vec::new();
-        match std::fs::remove_file(&self.path) {
+        // Unlink first, then close (which drops the lock): the file is never seen unlocked.
+        let r = match std::fs::remove_file(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(CoreError::io(e, &self.path)),
-        }
+        };
+        self.file = None;
+        r
     }
 
     /// True once committed or aborted.

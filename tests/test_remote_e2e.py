@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import DmaSite, run_measured
 from dnsd import DnsServer
 from smtpd import Behaviour, ScriptedServer, Transaction, serve

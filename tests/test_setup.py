@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dma import config
-from dma.setup import DIRECTIVE_DOCS, is_dma_script
+from dma.hostsetup import DIRECTIVE_DOCS, is_dma_script
 
 DMA = shutil.which("dma")
 pytestmark = [
@@ -448,7 +448,7 @@ def test_uninstall_leaves_a_file_that_is_not_ours(tmp_path: Path) -> None:
 
 _AS_NOBODY = """
 import os, sys
-import dma.admin, dma.cli, dma.setup  # everything imported while root can read it
+import dma.admin, dma.cli, dma.hostsetup  # everything imported while root can read it
 pw = __import__("pwd").getpwnam("nobody")
 os.setgroups([])
 os.setgid(pw.pw_gid)
@@ -493,4 +493,12 @@ def test_help_lists_the_options() -> None:
 def test_bad_init_is_a_usage_error(tmp_path: Path) -> None:
     proc = run(tmp_path, "--init", "upstart", check=64)
     assert "upstart" in proc.stderr
+    assert snapshot(tmp_path) == {}
+
+
+def test_an_unreadable_named_config_is_one_clear_line(tmp_path: Path) -> None:
+    proc = run(tmp_path, conf=tmp_path / "missing.conf", check=78)
+    assert proc.stderr.strip() == (f"dma: setup: reading the configuration failed:"
+                                   f" {tmp_path}/missing.conf: cannot read: No such file or"
+                                   " directory")
     assert snapshot(tmp_path) == {}

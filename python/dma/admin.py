@@ -172,9 +172,9 @@ def queue_run(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from dma import setup
+    from dma import hostsetup
 
-    main.add_command(setup.command, "setup")
+    main.add_command(hostsetup.command, "setup")
 
 
 _register()

@@ -151,6 +151,15 @@ def _fail(e: DmaError) -> int:
     return e.exit_code
 
 
+def _is_admin(args: Sequence[str]) -> bool:
+    """``dma queue …``, ``dma setup …``, also after a leading ``-C FILE``."""
+    if args[:1] == ["-C"]:
+        args = args[2:]
+    elif args[:1] and args[0].startswith("-C"):
+        args = args[1:]
+    return bool(args) and args[0] in ADMIN_COMMANDS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     prog = os.path.basename(argv[0]) if argv else "dma"
@@ -159,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"dma {__version__}\n")
         return EX_OK
     try:
-        if prog not in ("sendmail", "mailq", "newaliases") and args[:1] and \
-                args[0] in ADMIN_COMMANDS:
+        if prog not in ("sendmail", "mailq", "newaliases") and _is_admin(args):
             from dma import admin
 
             return admin.run(args)
@@ -221,10 +229,11 @@ def _deliver_now(qid: str, cfg: Config, log: Log) -> int:
     from dma.spool import Spool
 
     result = queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)
-    if result.failed:
-        return EX_UNAVAILABLE
+    # Still queued for someone: the caller should know it is not finished yet.
     if result.pending:
         return EX_TEMPFAIL
+    if result.failed:
+        return EX_UNAVAILABLE
     return EX_OK
 
 

@@ -269,26 +269,26 @@ class Keep(Action):
         return None
 
 
-def _write_new(path: str, data: bytes, mode: int) -> str:
-    """Write ``data`` to a fresh temporary file next to ``path``; returns its name."""
-    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.dma-setup")
-    if _lexists(tmp):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+def _tmp_name(path: str) -> str:
+    """The temporary name next to ``path`` that a new version is prepared under."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.dma-setup")
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    """Create ``path`` (which must not exist) with ``data`` and exactly ``mode``; fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  mode)
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, mode)  # whatever the umask
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        os.unlink(path)
         raise
     os.close(fd)
-    return tmp
 
 
 class ConfigFile(Action):
@@ -307,7 +307,11 @@ class ConfigFile(Action):
 
     def apply(self) -> str | None:
         try:
-            tmp = _write_new(self.path, default_config_text().encode(), 0o644)
+            os.makedirs(os.path.dirname(self.path), 0o755, exist_ok=True)
+            tmp = _tmp_name(self.path)
+            if _lexists(tmp):
+                os.unlink(tmp)
+            _write_file(tmp, default_config_text().encode(), 0o644)
             try:
                 os.link(tmp, self.path)  # never replaces a file that appeared meanwhile
             finally:
@@ -404,8 +408,7 @@ class Placed(Action):
                     os.unlink(self.path)
                 return None
             os.makedirs(os.path.dirname(self.path), 0o755, exist_ok=True)
-            tmp = os.path.join(os.path.dirname(self.path),
-                               f".{os.path.basename(self.path)}.dma-setup")
+            tmp = _tmp_name(self.path)
             if _lexists(tmp):
                 os.unlink(tmp)
             if self.is_current():  # an earlier action made it so
@@ -509,16 +512,7 @@ class ManagedFile(Placed):
         return data is not None and MARKER.encode() in data
 
     def make(self, tmp: str) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     self.mode)
-        try:
-            os.fchmod(fd, self.mode)
-            view = memoryview(self.content)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file(tmp, self.content, self.mode)
 
 
 class Systemctl(Action):
