@@ -83,9 +83,11 @@ impl SpoolWriter {
         detached(py, || inner.stream_rest())
     }
 
-    fn commit(&mut self, py: Python<'_>, envelope: &[u8], dest: PathBuf) -> PyResult<()> {
+    /// With `dest`: rename there (no replace). Without: commit in place at `path`.
+    #[pyo3(signature = (envelope, dest = None))]
+    fn commit(&mut self, py: Python<'_>, envelope: &[u8], dest: Option<PathBuf>) -> PyResult<()> {
         let inner = &mut self.inner;
-        detached(py, || inner.commit(envelope, &dest))
+        detached(py, || inner.commit(envelope, dest.as_deref()))
     }
 
     fn abort(&mut self, py: Python<'_>) -> PyResult<()> {

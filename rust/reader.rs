@@ -744,7 +744,10 @@ mod tests {
         let p = make(t.path(), "m", &msg, b"");
         let m = MessageFile::open(&p).unwrap();
         let whole = transform_all(Kind::SmtpWrap, &msg);
-        assert_eq!(collect(&mut m.cursor(Kind::SmtpWrap, 0, 1 << 20).unwrap()), whole);
+        assert_eq!(
+            collect(&mut m.cursor(Kind::SmtpWrap, 0, 1 << 20).unwrap()),
+            whole
+        );
         let mut offs: Vec<usize> = vec![1, 997, 998, 999, 1995, 1996, 2500, 2501, 2502, 2509];
         offs.extend([2510, 3507, 3508, 50_000, 72_509, 72_510, 72_511, msg.len()]);
         for off in offs {

@@ -83,7 +83,13 @@ pub const SMTP_LINE_LIMIT: usize = 998;
 
 impl Kind {
     pub const NAMES: [&'static str; 5] = ["raw", "crlf", "smtp", "smtp-wrap", "mbox"];
-    pub const ALL: [Kind; 5] = [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::SmtpWrap, Kind::Mbox];
+    pub const ALL: [Kind; 5] = [
+        Kind::Raw,
+        Kind::Crlf,
+        Kind::Smtp,
+        Kind::SmtpWrap,
+        Kind::Mbox,
+    ];
 
     pub fn parse(name: &str) -> Result<Kind> {
         match name {
@@ -888,7 +894,10 @@ mod tests {
         assert_eq!(wrap(&m), [&a998[..], b"\r\n b\r\n.\r\n"].concat());
         // 1995 = 998 + 997: two output lines exactly full
         let m = [&a998[..], &b997[..], b"\n"].concat();
-        assert_eq!(wrap(&m), [&a998[..], b"\r\n ", &b997[..], b"\r\n.\r\n"].concat());
+        assert_eq!(
+            wrap(&m),
+            [&a998[..], b"\r\n ", &b997[..], b"\r\n.\r\n"].concat()
+        );
         // 1996 and 1997: a third output line of 1 and 2 octets (plus the space)
         let m = [&a998[..], &b997[..], b"c\n"].concat();
         assert_eq!(
@@ -930,14 +939,20 @@ mod tests {
         m.extend_from_slice(b"\n");
         m.extend(line(2100, b'.'));
         let whole = transform_all(Kind::SmtpWrap, &m);
-        for off in [1, 500, 997, 998, 999, 1000, 1994, 1995, 1996, 2999, 3000, 3001, 3002, 4000] {
-            let ls = m[..off].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for off in [
+            1, 500, 997, 998, 999, 1000, 1994, 1995, 1996, 2999, 3000, 3001, 3002, 4000,
+        ] {
+            let ls = m[..off]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
             // output for m[..off] without the terminator, then the resumed rest
             let mut head = Vec::new();
             let mut t = Transform::new(Kind::SmtpWrap);
             t.feed(&m[..off], &mut head);
             let mut rest = Vec::new();
-            let mut r = Transform::resume_in_line(Kind::SmtpWrap, Some(m[off - 1]), (off - ls) as u64);
+            let mut r =
+                Transform::resume_in_line(Kind::SmtpWrap, Some(m[off - 1]), (off - ls) as u64);
             r.feed(&m[off..], &mut rest);
             r.finish(&mut rest);
             assert!([head, rest].concat() == whole, "resume at {off}");
@@ -995,8 +1010,20 @@ mod tests {
     fn generated_inputs_match_model() {
         // Deterministic pseudo-random messages over an alphabet that hits every special case.
         let alphabet: &[&[u8]] = &[
-            b"\n", b"\r", b".", b">", b"From ", b"From", b"F", b"x", b"\0", b"\xff", b"\r\n",
-            &[b'y'; 997], &[b'z'; 998], &[b'.'; 999],
+            b"\n",
+            b"\r",
+            b".",
+            b">",
+            b"From ",
+            b"From",
+            b"F",
+            b"x",
+            b"\0",
+            b"\xff",
+            b"\r\n",
+            &[b'y'; 997],
+            &[b'z'; 998],
+            &[b'.'; 999],
         ];
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..400 {

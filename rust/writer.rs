@@ -463,7 +463,7 @@ mod tests {
         retry(|| w.stream_rest()).unwrap();
         let (size, eb, ml) = (w.size(), w.eight_bit(), w.max_line());
         let dest = t.path().join("dest");
-        w.commit(b"{\"v\":1}", &dest).unwrap();
+        w.commit(b"{\"v\":1}", Some(&dest)).unwrap();
         assert!(!tmp.exists());
         let m = MessageFile::open(&dest).unwrap();
         m.verify().unwrap();
@@ -554,7 +554,7 @@ mod tests {
         retry(|| w.stream_rest()).unwrap();
         assert_eq!(w.size(), 3);
         let dest = t.path().join("q");
-        w.commit(b"", &dest).unwrap();
+        w.commit(b"", Some(&dest)).unwrap();
         let m = MessageFile::open(&dest).unwrap();
         assert_eq!(m.read_all().unwrap(), b"a\nb");
         assert_eq!(m.envelope(), b"");
@@ -569,7 +569,7 @@ mod tests {
         std::fs::write(&dest, b"existing").unwrap();
         let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
         retry(|| w.stream_rest()).unwrap();
-        let e = w.commit(b"{}", &dest).unwrap_err();
+        let e = w.commit(b"{}", Some(&dest)).unwrap_err();
         match e {
             CoreError::Io { source, path } => {
                 assert_eq!(source.raw_os_error(), Some(libc::EEXIST));
@@ -605,7 +605,7 @@ mod tests {
         let tmp = t.path().join("tmp");
         let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
         assert!(matches!(
-            w.commit(b"", &t.path().join("d")),
+            w.commit(b"", Some(&t.path().join("d"))),
             Err(CoreError::Usage(_))
         ));
         retry(|| w.read_head(100)).unwrap();
@@ -613,9 +613,9 @@ mod tests {
         retry(|| w.stream_rest()).unwrap();
         assert!(matches!(w.write_head(b"x"), Err(CoreError::Usage(_))));
         assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
-        w.commit(b"", &t.path().join("d")).unwrap();
+        w.commit(b"", Some(&t.path().join("d"))).unwrap();
         assert!(matches!(
-            w.commit(b"", &t.path().join("e")),
+            w.commit(b"", Some(&t.path().join("e"))),
             Err(CoreError::Usage(_))
         ));
         // abort after commit keeps the committed file
@@ -662,6 +662,103 @@ mod tests {
         }
         w.abort().unwrap();
         assert!(!tmp.exists());
+    }
+
+    /// Whether another open file description of `path` can take the lock now.
+    fn lockable(path: &Path) -> bool {
+        let f = io::open_read(path).unwrap();
+        match io::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => false,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn locked_until_rename_commit() {
+        let t = TempDir::new();
+        let inp = Input::pipe(b"x\n");
+        let tmp = t.path().join("tmp");
+        let dest = t.path().join("dest");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        assert!(!lockable(&tmp));
+        retry(|| w.stream_rest()).unwrap();
+        assert!(!lockable(&tmp));
+        w.commit(b"{}", Some(&dest)).unwrap();
+        assert!(lockable(&dest));
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn commit_in_place() {
+        let t = TempDir::new();
+        let inp = Input::pipe(b"Subject: a\r\n\r\nbody\r\n");
+        let path = t.path().join("final");
+        let mut w = SpoolWriter::create(&path, inp.fd(), true).unwrap();
+        assert!(!lockable(&path));
+        retry(|| w.stream_rest()).unwrap();
+        assert!(matches!(w.commit(b"", None), Ok(())));
+        assert!(lockable(&path));
+        let m = MessageFile::open(&path).unwrap();
+        m.verify().unwrap();
+        assert_eq!(m.read_all().unwrap(), b"Subject: a\n\nbody\n");
+        // committed: abort and drop keep the file
+        w.abort().unwrap();
+        drop(w);
+        assert!(path.exists());
+        assert!(matches!(
+            SpoolWriter::create(&path, inp.fd(), true),
+            Err(CoreError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn commit_in_place_error_removes_file() {
+        let Ok(full) = File::options().write(true).open("/dev/full") else {
+            return;
+        };
+        let t = TempDir::new();
+        let inp = Input::pipe(b"small\n");
+        let path = t.path().join("final");
+        let mut w = SpoolWriter::create(&path, inp.fd(), true).unwrap();
+        retry(|| w.stream_rest()).unwrap();
+        // The data is still buffered; the footer write goes to /dev/full.
+        let locked = w.file.replace(full);
+        let e = w.commit(b"{}", None).unwrap_err();
+        assert_eq!(e.raw_errno(), Some(libc::ENOSPC));
+        assert!(!path.exists());
+        assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
+        w.abort().unwrap();
+        drop(locked);
+    }
+
+    #[test]
+    fn abort_removes_before_unlocking_and_fork_keeps_lock() {
+        let t = TempDir::new();
+        let inp = Input::pipe(b"x");
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        // A forked child that drops its copy of the writer and exits neither removes the file
+        // nor releases the parent's lock.
+        // SAFETY: the child only drops the writer (close(2) and freeing memory; no unlink, it
+        // is not the creator) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            drop(w);
+            // SAFETY: leave the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(status, 0);
+        assert!(tmp.exists());
+        assert!(!lockable(&tmp));
+        let keep = io::open_read(&tmp).unwrap();
+        w.abort().unwrap();
+        assert!(!tmp.exists());
+        io::flock(keep.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).unwrap();
     }
 
     #[test]

@@ -302,10 +302,10 @@ def current_syscall(pid: int) -> str:
     return _SYSCALLS.get(os.uname().machine, {}).get(nr, f"syscall {nr}")
 
 
-def open_files(pid: int, under: Path) -> list[str]:
-    """Paths under ``under`` that the process has open now."""
+def open_files(pid: int, prefix: str | Path) -> list[str]:
+    """Paths starting with ``prefix`` that the process has open now."""
     out = []
-    prefix = str(under)
+    prefix = str(prefix)
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:

@@ -24,10 +24,11 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 from crashlib import (
@@ -84,11 +85,12 @@ class Trial:
     """ok (dma -bq root), bad-user (unknown recipient: fails before reading) or
     bad-headers (-t without recipient headers: fails after the head is read)"""
     stdin: str
-    """file or pipe"""
+    """file, pipe, or slow-pipe (written in chunks with pauses)"""
     calibrate: bool = False
     """never killed: its duration calibrates the kill delays"""
-    delay: float | None = None
-    """when SIGKILL was due, in seconds after the start; None: left to finish"""
+    aim: str = "never"
+    """the phase the kill was aimed at (see Timing.plan)"""
+    delay: float = 0.0
     rc: int | None = None
     elapsed: float = 0.0
     sent_kill: bool = False
@@ -128,19 +130,23 @@ class Timing:
             if large:
                 self.per_byte = max(1e-10, statistics.median(large))
 
-    def plan(self, rng: random.Random, size: int) -> float | None:
+    def plan(self, rng: random.Random, size: int, *, slow: bool = False) -> tuple[str, float]:
+        """(when, seconds): ``start`` counts from the start of the process, ``writing``
+        from the moment its temp file is open, ``commit`` from the moment it has closed it
+        again (renamed into queue/); ``never`` lets it finish."""
         with self.lock:
-            t_file = self.t_file
-            t_commit = t_file + self.base + self.per_byte * size
-            t_exit = t_commit + self.teardown
+            t_file, write = self.t_file, self.base + self.per_byte * size
+            if slow:
+                write += (size // SLOW_CHUNK + 1) * SLOW_PAUSE * 1.3
+            teardown = self.teardown
         r = rng.random()
         if r < 0.10:
-            return None
-        if r < 0.30:
-            return rng.uniform(0.0, t_file)
+            return "never", 0.0
+        if r < 0.35:
+            return "start", rng.uniform(0.0, 1.1 * t_file)
         if r < 0.80:
-            return rng.uniform(0.95 * t_file, t_commit)
-        return rng.uniform(t_commit - 0.005, t_exit + 0.01)
+            return "writing", rng.uniform(0.0, 1.1 * write)
+        return "commit", rng.uniform(0.0, 1.2 * teardown)
 
 
 def _start(site: DmaSite, t: Trial, inbox: Path) -> tuple[subprocess.Popen[bytes], bytes | None]:
@@ -150,7 +156,7 @@ def _start(site: DmaSite, t: Trial, inbox: Path) -> tuple[subprocess.Popen[bytes
         argv, data = [DMA, "-bq", "-t"], t.msg.data(to=None)
     else:
         argv, data = [DMA, "-bq", "root"], t.msg.data()
-    if t.stdin == "pipe":
+    if t.stdin in ("pipe", "slow-pipe"):
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, env=site.env()), data
     path = inbox / t.msg.token
@@ -160,54 +166,96 @@ def _start(site: DmaSite, t: Trial, inbox: Path) -> tuple[subprocess.Popen[bytes
                                 stderr=subprocess.PIPE, env=site.env()), None
 
 
+def _tmp_open(pid: int, spool: Path) -> bool:
+    return bool(open_files(pid, f"{spool / 'tmp'}{os.sep}"))
+
+
+def _wait(proc: subprocess.Popen[bytes], until: Callable[[], bool], limit: float) -> bool:
+    """Poll every millisecond until ``until()`` (True) or the process ends (False)."""
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < deadline:
+        if until():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+SLOW_CHUNK = 64 << 10
+SLOW_PAUSE = 0.002
+"""slow-pipe input: a pause after every chunk, so that reading and writing take a while"""
+
+
+def _feed(pipe: IO[bytes], data: bytes, slow: bool) -> None:
+    try:
+        with pipe:
+            if not slow:
+                pipe.write(data)
+                return
+            for i in range(0, len(data), SLOW_CHUNK):
+                pipe.write(data[i:i + SLOW_CHUNK])
+                pipe.flush()
+                time.sleep(SLOW_PAUSE)
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # killed (or failed) before reading everything
+
+
 def _calibrate(site: DmaSite, t: Trial, inbox: Path, timing: Timing) -> Trial:
-    """An unkilled trial, watched through /proc: when its temp file is open, when it is no
-    longer (committed), when the process ends."""
+    """An unkilled trial, watched through /proc: when its temp file is open, when it is
+    closed again (committed), when the process ends."""
     t.stdin = "file"
     proc, _ = _start(site, t, inbox)
     t0 = time.monotonic()
-    t_file = t_commit = None
-    deadline = t0 + 60
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            now = time.monotonic() - t0
-            in_tmp = any("/tmp/" in f for f in open_files(proc.pid, site.spool / "tmp"))
-            if in_tmp and t_file is None:
-                t_file = now
-            elif not in_tmp and t_file is not None and t_commit is None:
-                t_commit = now
-            time.sleep(0.001)
+        opened = _wait(proc, lambda: _tmp_open(proc.pid, site.spool), 60)
+        t_file = time.monotonic() - t0
+        _wait(proc, lambda: not _tmp_open(proc.pid, site.spool), 60)
+        t_commit = time.monotonic() - t0
+        proc.wait(60)
     finally:
         kill9(proc)
-        _, err = proc.communicate()
+        proc.wait()
     t.elapsed = time.monotonic() - t0
     t.rc = proc.returncode
-    t.stderr = err or b""
-    if t.rc == 0 and t_file is not None:
-        timing.observe(t.msg.length, t_file, t_commit or t.elapsed, t.elapsed)
+    t.stderr = proc.stderr.read() if proc.stderr else b""
+    if t.rc == 0 and opened:
+        timing.observe(t.msg.length, t_file, t_commit, t.elapsed)
     return t
 
 
 def _run_trial(site: DmaSite, t: Trial, inbox: Path, timing: Timing) -> Trial:
     if t.calibrate:
         return _calibrate(site, t, inbox, timing)
-    t.delay = timing.plan(_rng(f"delay:{t.n}"), t.msg.length)
+    t.aim, t.delay = timing.plan(_rng(f"delay:{t.n}"), t.msg.length,
+                                 slow=t.stdin == "slow-pipe")
     proc, feed = _start(site, t, inbox)
+    feeder = None
+    if feed is not None and proc.stdin is not None:
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, feed, t.stdin == "slow-pipe"),
+                                  daemon=True)
+        feeder.start()
     t0 = time.monotonic()
     try:
-        try:
-            _, err = proc.communicate(feed, timeout=60 if t.delay is None else t.delay)
-        except subprocess.TimeoutExpired:
-            t.syscall = current_syscall(proc.pid)
-            t.spool_open = open_files(proc.pid, site.spool)
-            t.sent_kill = kill9(proc)
-            _, err = proc.communicate(timeout=30)
+        due = t.aim != "never"
+        if t.aim in ("writing", "commit"):
+            due = _wait(proc, lambda: _tmp_open(proc.pid, site.spool), 30)
+        if due and t.aim == "commit":
+            due = _wait(proc, lambda: not _tmp_open(proc.pid, site.spool), 30)
+        if due:
+            try:
+                proc.wait(t.delay)
+            except subprocess.TimeoutExpired:
+                t.syscall = current_syscall(proc.pid)
+                t.spool_open = open_files(proc.pid, f"{site.spool}{os.sep}")
+                t.sent_kill = kill9(proc)
+        proc.wait(60)
     finally:
         kill9(proc)  # only if something above failed
         proc.wait()
+        if feeder is not None:
+            feeder.join(30)
     t.elapsed = time.monotonic() - t0
     t.rc = proc.returncode
-    t.stderr = err or b""
+    t.stderr = proc.stderr.read() if proc.stderr else b""
     return t
 
 
@@ -233,7 +281,8 @@ def _post_mortem(site: DmaSite, batch: Sequence[Trial]) -> tuple[set[str], int]:
         f = tmp_by_token.get(tok)
         if f is None:
             for p in t.spool_open:
-                f = tmp_by_name.get(os.path.basename(p)) if "/tmp/" in p else None
+                rel = os.path.relpath(p, site.spool)
+                f = tmp_by_name.get(os.path.basename(rel)) if rel.startswith("tmp/") else None
                 if f is not None:
                     break
         if f is not None:
@@ -245,8 +294,8 @@ def _post_mortem(site: DmaSite, batch: Sequence[Trial]) -> tuple[set[str], int]:
                 else "killed: spool file vanished"
         elif f.footer:
             t.phase = "killed before rename (tmp complete: fsync/rename)"
-        elif f.token:
-            t.phase = "killed while writing (tmp has head)"
+        elif f.size:
+            t.phase = "killed while reading/writing (tmp partly written)"
         else:
             t.phase = "killed after creating tmp (empty)"
     return queued, len([f for f in tmp if f.name not in matched])
@@ -265,6 +314,7 @@ def test_kill9_during_submission(site: DmaSite) -> None:
     debris: list[str] = []
     phases: Counter[str] = Counter()
     syscalls: Counter[str] = Counter()
+    by_input: Counter[str] = Counter()
     unmatched_tmp = 0
     duplicates = 0
     run_times: list[float] = []
@@ -273,7 +323,10 @@ def test_kill9_during_submission(site: DmaSite) -> None:
     for b0 in range(0, TRIALS, BATCH):
         batch: list[Trial] = []
         for n in range(b0, min(TRIALS, b0 + BATCH)):
-            size = _log_uniform(rng, 4, MAX_SIZE)
+            stdin = rng.choice(("file", "pipe", "slow-pipe"))
+            # From a few bytes to a few MB; the slow-pipe ones large enough to be caught
+            # while they read and write.
+            size = _log_uniform(rng, 256 << 10 if stdin == "slow-pipe" else 4, MAX_SIZE)
             calibrate = n - b0 < (6 if b0 == 0 else 2)
             if calibrate:  # small and large ones, never killed
                 size = (8, MAX_SIZE, 300, MAX_SIZE // 2, 40, 1 << 20)[n - b0]
@@ -281,8 +334,7 @@ def test_kill9_during_submission(site: DmaSite) -> None:
             kind = "bad-user" if r < 0.04 else "bad-headers" if r < 0.10 else "ok"
             msg = TestMessage.create(f"{SEED:08x}-{n:05d}-{rng.randrange(1 << 32):08x}",
                                      rng.randrange(1 << 62), size)
-            batch.append(Trial(n, msg, "ok" if calibrate else kind,
-                               rng.choice(("file", "pipe")), calibrate=calibrate))
+            batch.append(Trial(n, msg, "ok" if calibrate else kind, stdin, calibrate=calibrate))
         with ThreadPoolExecutor(WORKERS) as pool:
             calibration = [t for t in batch if t.calibrate]
             list(pool.map(lambda t: _run_trial(site, t, inbox, timing), calibration))
@@ -310,8 +362,9 @@ def test_kill9_during_submission(site: DmaSite) -> None:
         for t in batch:
             tok = t.msg.token
             phases[t.phase] += 1
-            if t.sent_kill and t.rc == -9:
+            if t.killed:
                 syscalls[f"{t.phase}: {t.syscall}"] += 1
+                by_input[f"{t.stdin}: {t.phase}"] += 1
             intact = tally.count(tok)
             damaged = {s: n for s, n in tally.by_token.get(tok, Counter()).items()
                        if s != "intact"}
@@ -366,13 +419,15 @@ def test_kill9_during_submission(site: DmaSite) -> None:
          f"{sum(1 for t in killed if t.phase.startswith('killed after commit'))}; "
          f"duplicates: {duplicates}; unmatched tmp files: {unmatched_tmp}; "
          f"tmp debris after queue runs: {len(debris)}")
+    _say("   by input: " + ", ".join(f"{k} x{n}" for k, n in sorted(by_input.items())))
     _say("   system call at the moment of the kill: " + ", ".join(
         f"{k} x{n}" for k, n in sorted(syscalls.items(), key=lambda kv: -kv[1])))
 
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:40])
     if TRIALS >= 100:
         for needed in ("exited 0", "killed in start-up (no spool file)",
-                       "killed while writing (tmp has head)", "killed after commit (queued)"):
+                       "killed while reading/writing (tmp partly written)",
+                       "killed after commit (queued)"):
             assert phases[needed], f"no trial ended as {needed!r}: {dict(phases)}"
     # KNOWN PRODUCT GAP (the only assertion that fails before the lead's change lands):
     # Spool.clean_debris removes tmp/ files only once they are an hour old; a queue run must
@@ -387,10 +442,11 @@ def test_kill9_during_submission(site: DmaSite) -> None:
 
 USERS = ("root", "daemon", "nobody", "bin", "mail")
 ALIASES = "team: root, daemon, nobody\nops: daemon, bin\neveryone: team, ops, mail\n"
-DELIVERY_MESSAGES = 16
+DELIVERY_MESSAGES = 60
 MAX_KILLS = 50
-KILL_LOOP_SECONDS = 45.0
-FINAL_RUN_TIMEOUT = 45.0
+KILL_LOOP_SECONDS = 40.0
+STALL_LIMIT = 3.0
+FINAL_RUN_TIMEOUT = 30.0
 """Below local.LOCK_TIMEOUT (60 s): a run after a crash must not wait on a dead lock."""
 
 
@@ -418,28 +474,58 @@ class KillLog:
     """what each kill interrupted: the mailbox file it had open, or the system call"""
     stale_locks: list[str] = field(default_factory=list)
     cleared_locks: int = 0
+    stalls: list[str] = field(default_factory=list)
+    """runs that made no progress (opened no mailbox) for STALL_LIMIT seconds"""
+
+
+def _in_flight(files: Sequence[str], mail: Path) -> str:
+    """What a runner had open in the mail directory: ``mbox root``, ``maildir bin/tmp file``
+    (writing), ``maildir bin dirs`` (before the file exists, or linking it into new/)."""
+    rels = [Path(os.path.relpath(f, mail)) for f in files]
+    labels = set()
+    for r in rels:
+        if len(r.parts) == 1 and (mail / r).is_file():
+            labels.add(f"mbox {r}")
+        elif len(r.parts) == 3:
+            labels.add(f"maildir {r.parts[0]}/{r.parts[1]} file")
+    if not labels:
+        labels = {f"maildir {r.parts[0]} dirs" for r in rels}
+    return ",".join(sorted(labels))
 
 
 def _kill_runners(site: DmaSite, rng: random.Random, log: KillLog) -> None:
-    """``dma -q`` killed after a random delay, again and again (bounded in kills and time),
-    until the queue is empty."""
+    """``dma -q`` killed again and again (bounded in kills and time) until the queue is
+    empty: a fifth of the kills at a random moment of start-up, the others a random few
+    milliseconds after the runner has opened something in the mail directory (in the middle
+    of a delivery)."""
     deadline = time.monotonic() + KILL_LOOP_SECONDS
+    mail_prefix = f"{site.mail}{os.sep}"
     while log.kills < MAX_KILLS and time.monotonic() < deadline and site.queue_ids():
         proc = subprocess.Popen([DMA, "-q"], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=site.env())
         try:
-            proc.wait(timeout=rng.uniform(0.1, 0.8))
-            log.finished_runs += 1
-            continue
-        except subprocess.TimeoutExpired:
-            files = open_files(proc.pid, site.mail)
-            call = current_syscall(proc.pid)
-            if kill9(proc):
-                log.kills += 1
-                what = ",".join(sorted({Path(f).name if "/new/" not in f and "/tmp/" not in f
-                                        else "maildir " + Path(f).parent.name for f in files}))
-                log.in_mailbox[what or f"no mailbox open ({call})"] += 1
+            if rng.random() < 0.2:
+                delay = rng.uniform(0.0, 0.3)
+            elif _wait(proc, lambda p=proc: bool(open_files(p.pid, mail_prefix)),
+                       STALL_LIMIT):
+                delay = rng.uniform(0.0, 0.015)
+            elif proc.poll() is None:
+                log.stalls.append(f"run {proc.pid} opened no mailbox in {STALL_LIMIT:.0f} s; "
+                                  f"dotlocks: {_describe_locks(site)}")
+                delay = 0.0
+            else:
+                delay = 0.0
+            try:
+                proc.wait(timeout=delay)
+                log.finished_runs += 1
+            except subprocess.TimeoutExpired:
+                files = open_files(proc.pid, mail_prefix)
+                call = current_syscall(proc.pid)
+                if kill9(proc):
+                    log.kills += 1
+                    log.in_mailbox[_in_flight(files, site.mail) or
+                                   f"nothing open ({call})"] += 1
         finally:
             kill9(proc)
             proc.wait()
@@ -449,6 +535,13 @@ def _kill_runners(site: DmaSite, rng: random.Random, log: KillLog) -> None:
                 if CLEAR_STALE_DOTLOCKS:
                     (site.mail / name).unlink(missing_ok=True)
                     log.cleared_locks += 1
+        if len(log.stalls) >= 2:
+            break  # no progress: the final run shows why
+
+
+def _describe_locks(site: DmaSite) -> dict[str, str]:
+    return {n: f"pid {p} {'alive' if p.isdigit() and pid_alive(int(p)) else 'dead'}"
+            for n, p in dotlocks(site.mail).items()}
 
 
 def _final_run(site: DmaSite) -> str:
@@ -456,11 +549,9 @@ def _final_run(site: DmaSite) -> str:
     try:
         r = site.run("-q", timeout=FINAL_RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
-        locks = {n: f"pid {p} {'alive' if p.isdigit() and pid_alive(int(p)) else 'dead'}"
-                 for n, p in dotlocks(site.mail).items()}
         return (f"the final dma -q did not finish within {FINAL_RUN_TIMEOUT:.0f} s; dotlocks "
-                f"in the mail directory: {locks} (a dotlock of a killed runner blocks "
-                f"delivery for LOCK_TIMEOUT, and is broken only after STALE_LOCK_AGE)")
+                f"in the mail directory: {_describe_locks(site)} (a dotlock of a killed runner "
+                f"blocks delivery for LOCK_TIMEOUT, and is broken only after STALE_LOCK_AGE)")
     if r.returncode != 0:
         return f"the final dma -q exited {r.returncode}: {r.stderr!r}"
     return ""
@@ -472,6 +563,8 @@ def _check_after_kills(site: DmaSite, msgs: Sequence[TestMessage], log: KillLog,
     copies) are at most one per kill; the spool is empty."""
     figures: Counter[str] = Counter()
     extras = 0
+    queued = {f.token for f in spool_files(site.spool, "queue") if f.token}
+    missing: list[str] = []
     for user in USERS:
         tally = Tally()
         tally.add(copies_of[user])
@@ -481,14 +574,20 @@ def _check_after_kills(site: DmaSite, msgs: Sequence[TestMessage], log: KillLog,
         for m in msgs:
             got = tally.by_token.get(m.token, Counter())
             if got["intact"] < 1:
-                problems.append(f"LOST: {user} has no intact copy of {m.token} ({dict(got)})")
+                state = "still queued" if m.token in queued else "LOST"
+                missing.append(f"{state}: {user} has no intact copy of {m.token} {dict(got)}")
             if got["garbled"]:
                 problems.append(f"{user}: garbled copy of {m.token} ({dict(got)})")
             figures["duplicate"] += max(0, got["intact"] - 1)
             figures["truncated"] += got["truncated"]
             extras += max(0, got["intact"] - 1) + got["truncated"] + got["garbled"]
+    if missing:
+        lost = sum(1 for x in missing if x.startswith("LOST"))
+        problems.append(f"{len(missing)} (message, user) pairs without an intact copy, {lost} "
+                        f"of them lost, the others still queued; e.g. {missing[:3]}")
     if extras > log.kills:
         problems.append(f"{extras} extra copies for {log.kills} kills (at most one per kill)")
+    problems += [f"stalled: {s}" for s in log.stalls]
     left = spool_listing(site.spool)
     for d, names in left.items():
         if names:
@@ -618,7 +717,7 @@ def test_dotlock_of_killed_runner_does_not_block_delivery(site: DmaSite) -> None
 # ------------------------------------------------------------------------------------------
 # 3. concurrent runners
 
-CONCURRENT_MESSAGES = 200
+CONCURRENT_MESSAGES = 500
 RUNNERS = 4
 RUNNERS_TIMEOUT = 120.0
 

@@ -476,13 +476,14 @@ def test_drop_mid_data(tmp: Path, chunking: bool) -> None:
 
 @pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
 def test_server_stops_reading_mid_data(tmp: Path, chunking: bool) -> None:
-    """A peer that stops reading: each block write is bounded by datablock_timeout."""
+    """A peer that stops reading: each block write is bounded by datablock_timeout.
+    CPU is the delivering thread's own (thread_time): the server shares this process."""
     msg = spool_message(tmp, b"Subject: big\n\n" + (b"y" * 99 + b"\n") * 400_000)  # 40 MB
     beh = Behaviour(chunking=chunking, stall_after_data_bytes=1 * MB)
     with ScriptedServer(beh) as srv:
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         outs = run(msg, ["a@x.test"], [host(srv)], cfg=config(datablock_timeout=1.0))
-        elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        elapsed, cpu = time.monotonic() - t0, time.thread_time() - cpu0
     assert outs[0].status == "deferred"
     assert "timed out while sending message body" in outs[0].reply
     assert elapsed < 8 and cpu < 2
@@ -493,9 +494,9 @@ def test_server_stops_reading_mid_data(tmp: Path, chunking: bool) -> None:
 def test_stall_after_final_dot(tmp: Path, chunking: bool) -> None:
     msg = spool_message(tmp, b"Subject: x\n\nstall\n")
     with ScriptedServer(Behaviour(chunking=chunking, stall_after_dot=15)) as srv:
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         outs = run(msg, ["a@x.test"], [host(srv)], cfg=config(dot_timeout=1.0))
-        elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        elapsed, cpu = time.monotonic() - t0, time.thread_time() - cpu0
     assert outs[0].status == "deferred"
     assert "timed out while sending end of data" in outs[0].reply
     assert 0.9 < elapsed < 6
@@ -517,10 +518,10 @@ def test_garbage_reply(tmp: Path, where: str) -> None:
 def test_ten_megabyte_reply_line(tmp: Path, where: str) -> None:
     msg = spool_message(tmp, b"x\n")
     beh = Behaviour(raw={where: b"250 " + b"A" * (10 * MB) + b"\r\n"})
-    t0, cpu0 = time.monotonic(), time.process_time()
+    t0, cpu0 = time.monotonic(), time.thread_time()
     with ScriptedServer(beh) as srv:
         outs = run(msg, ["a@x.test"], [host(srv)])
-    assert time.monotonic() - t0 < 10 and time.process_time() - cpu0 < 2
+    assert time.monotonic() - t0 < 10 and time.thread_time() - cpu0 < 2
     assert outs[0].status == "deferred"
     assert "reply line longer than 8192 bytes" in outs[0].reply
 
@@ -537,10 +538,10 @@ def test_endless_multiline_reply(tmp: Path) -> None:
 def test_server_closes(tmp: Path, where: str) -> None:
     msg = spool_message(tmp, b"x\n")
     beh = Behaviour(raw={where: b""}, close_after=frozenset({where}))
-    t0, cpu0 = time.monotonic(), time.process_time()
+    t0, cpu0 = time.monotonic(), time.thread_time()
     with ScriptedServer(beh) as srv:
         outs = run(msg, ["a@x.test", "b@x.test"], [host(srv)])
-    assert time.monotonic() - t0 < 5 and time.process_time() - cpu0 < 1
+    assert time.monotonic() - t0 < 5 and time.thread_time() - cpu0 < 1
     assert [o.status for o in outs] == ["deferred", "deferred"]
     assert "lost connection with" in outs[0].reply
 
