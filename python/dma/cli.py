@@ -258,7 +258,12 @@ def _deliver_detached(qid: str, cfg: Config, log: Log) -> None:
             os.dup2(null, fd)
         os.close(null)
         log.verbose = False
-        _deliver_now(qid, cfg, log)
+        if _deliver_now(qid, cfg, log) == EX_TEMPFAIL:
+            from dma import hostsetup, queue
+            from dma.spool import Spool
+
+            if not hostsetup.runner_installed():
+                queue.retry_until_done(Spool(cfg.spooldir), qid, cfg, log)
     except BaseException as e:  # noqa: BLE001 - the child must always exit here
         log.error(f"{qid}: delivery attempt crashed: {e!r}; the message stays queued")
         status = EX_SOFTWARE

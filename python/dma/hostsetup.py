@@ -969,3 +969,13 @@ def command(ctx: click.Context, dry_run: bool, uninstall: bool, root: str | None
     else:
         click.echo("nothing to do: " + ("dma is not installed" if uninstall
                                         else "dma is already set up"))
+
+
+def runner_installed(root: str = "/") -> bool:
+    """Whether ``dma setup`` installed a queue runner (systemd timer or cron entry) here:
+    without one, a deferred message would wait for a manual ``dma -q``."""
+    for path in (os.path.join(UNIT_DIR, TIMER), CRON_FILE):
+        data = _read(os.path.join(root, path.lstrip("/")))
+        if data is not None and MARKER.encode() in data:
+            return True
+    return False

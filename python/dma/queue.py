@@ -217,3 +217,27 @@ def _run_all(spool: Spool, config: Config, log: Log, ids: Sequence[str], due_onl
                       f"'dma queue delete {qid}'")
             results.append(RunResult(qid, [], claimed=False, error=str(e)))
     return results
+
+
+def retry_until_done(spool: Spool, qid: str, config: Config, log: Log,
+                     sleep: Callable[[float], None] = time.sleep) -> RunResult:
+    """C dma's behaviour where no queue runner is installed: keep retrying this message in
+    this (detached) process with the usual backoff until it is delivered, bounced or taken
+    by another runner; the lifetime bounds it."""
+    while True:
+        result = deliver_message(spool, qid, config, log)
+        if not result.claimed or not result.pending:
+            return result
+        try:
+            msg, env = spool.open(qid)
+        except (DmaError, OSError):
+            return result
+        msg.close()
+        times = [t for t in (next_attempt(s, config) for s in spool.states(env).values())
+                 if t is not None]
+        if not times:
+            return result
+        wait = min(max(min(times) - time.time(), 1.0), config.retry_max)
+        log.info(f"{qid}: no queue runner is installed ('dma setup' installs one); "
+                 f"this process retries in {wait:.0f}s")
+        sleep(wait)
