@@ -34,3 +34,9 @@ pytest:
 
 clean:
 	rm -rf target build dist python/dma/*.so .pytest_cache .mypy_cache .ruff_cache
+
+# make torture: the crash tests of tests/test_crash.py with 1,000 kill -9 submission trials
+# (figures printed; DMA_CRASH_SEED=N replays a run).
+.PHONY: torture
+torture:
+	DMA_TORTURE_TRIALS=1000 $(PYTHON) -m pytest -q -s tests/test_crash.py

@@ -274,7 +274,18 @@ class OursConf:
             return 0
 
     def clear(self) -> None:
-        shutil.rmtree(self.spool, ignore_errors=True)
+        """Empty the spool but keep its directories (as a long-lived installation has them)."""
+        if not self.spool.exists():
+            return
+        for d in self.spool.iterdir():
+            if d.is_dir():
+                for f in d.iterdir():
+                    if f.is_dir():
+                        shutil.rmtree(f)
+                    else:
+                        f.unlink()
+            else:
+                d.unlink()
 
 
 # -- sinks ----------------------------------------------------------------------------------
@@ -665,9 +676,10 @@ def raw_pipelined(host: str, port: int, body: bytes, count: int) -> float:
     return time.monotonic() - t0
 
 
-def dd_fsync(src: Path, dst_dir: Path) -> float:
-    """``dd bs=1M conv=fsync`` of the file into the spool's file system; returns seconds."""
-    dst = dst_dir / "raw-dd.tmp"
+def dd_fsync(src: Path) -> float:
+    """``dd bs=1M conv=fsync`` of the file into the spools' file system (benches/build/run
+    holds both spools); returns seconds."""
+    dst = RUN / "raw-dd.tmp"
     t0 = time.monotonic()
     sh(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fsync", "status=none"])
     t = time.monotonic() - t0

@@ -304,7 +304,7 @@ def current_syscall(pid: int) -> str:
 
 def open_files(pid: int, prefix: str | Path) -> list[str]:
     """Paths starting with ``prefix`` that the process has open now."""
-    out = []
+    out: list[str] = []
     prefix = str(prefix)
     try:
         fds = os.listdir(f"/proc/{pid}/fd")

@@ -168,7 +168,12 @@ def test_roundtrip_writer_reader(tmp_path: Path) -> None:
     body_in = b"".join(f"line {i} .x\r\n".encode() for i in range(200_000))
     body_in += b".dot\r\nbare\rcr\r\n\xc3\xa9" + b"z" * 3000 + b"\r\n.\r\nnot message\r\n"
     r, wfd = os.pipe()
-    t = threading.Thread(target=lambda: (os.write(wfd, head_in + body_in), os.close(wfd)))
+
+    def feed() -> None:
+        with os.fdopen(wfd, "wb") as f:
+            f.write(head_in + body_in)
+
+    t = threading.Thread(target=feed)
     t.start()
     try:
         with _core.SpoolWriter(tmp_path / "tmp", r) as w:

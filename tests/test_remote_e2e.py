@@ -183,3 +183,16 @@ def test_queue_run_reuses_one_connection(site: DmaSite, smarthost: ScriptedServe
     assert len(smarthost.sessions) == 1
     got = sorted(body_received(t) for t in smarthost.transactions)
     assert got == sorted(bodies)
+
+
+def test_long_lines_wrapped_over_data(site: DmaSite, smarthost: ScriptedServer) -> None:
+    """Without CHUNKING, lines over 998 octets are broken as Postfix does (CRLF SPACE)."""
+    body = b"short\n" + b"L" * 2500 + b"\n.dot\n"
+    r = site.run("-D", "-f", "root@mail.test", "a@example.org",
+                 input=b"Subject: wrap\n\n" + body)
+    assert r.returncode == 0, r.stderr
+    (t,) = smarthost.transactions
+    assert t.via == "DATA"
+    lines = t.data.split(b"\r\n")
+    assert max(len(x) for x in lines) <= 998
+    assert body_received(t).replace(b"\n ", b"") == body

@@ -105,17 +105,24 @@ def test_corrupt_files_are_refused(tmp_path: Path) -> None:
 def test_debris_cleaned(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path))
     qid = spool_message(spool, b"\nx\n")
-    spool.ensure()
-    old = os.path.join(spool.tmp_dir, "OLD")
-    fresh = os.path.join(spool.tmp_dir, "FRESH")
-    for p in (old, fresh):
-        Path(p).write_bytes(b"partial")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    # a live writer (holds its lock): kept
+    r, w = os.pipe()
+    live_id, live = spool.new_writer(r, dot_ends=False)
+    # a dead writer's file (nobody holds a lock on it): removed at once
+    Path(spool.tmp_dir, "DEAD").write_bytes(b"partial")
     Path(spool.journal_dir, "ORPHAN").write_bytes(b"{}\n")
     spool.record(qid, Outcome("root", "deferred", "x"))
     assert spool.clean_debris() == 2
-    assert sorted(os.listdir(spool.tmp_dir)) == ["FRESH"]
+    assert os.listdir(spool.tmp_dir) == [live_id]
     assert os.listdir(spool.journal_dir) == [qid]
+    # a writer stuck for over a day is given up, lock or not
+    old = time.time() - 2 * 86400
+    os.utime(live.path, (old, old))
+    assert spool.clean_debris() == 1
+    assert os.listdir(spool.tmp_dir) == []
+    live.abort()
+    os.close(r)
+    os.close(w)
 
 
 def test_listing(tmp_path: Path) -> None:

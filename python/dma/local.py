@@ -10,7 +10,8 @@ can never leave that directory and a symbolic link is refused; a mailbox that is
 file, or that has more than one hard link, is refused too.
 
 mbox locking is what Debian's mail readers (mutt, mailx, liblockfile) expect: a dotlock
-``<user>.lock`` (``O_CREAT|O_EXCL``; one older than five minutes is stale and removed) and an
+``<user>.lock`` (``O_CREAT|O_EXCL``; one older than five minutes, or naming a process that
+no longer exists, is stale and removed) and an
 ``fcntl`` write lock on the whole mailbox.  Both are waited for with a bound; a lock not
 obtained defers the delivery.  The message is written after the size of the mailbox has been
 recorded, and any error truncates the mailbox back to that size, so a partial message never
@@ -378,7 +379,7 @@ def _break_stale(spool_fd: int, name: str, stale_age: float) -> bool:
         return True
     except OSError:
         return False
-    if time.time() - st.st_mtime <= stale_age:
+    if time.time() - st.st_mtime <= stale_age and not _holder_dead(spool_fd, name):
         return False
     try:
         again = os.stat(name, dir_fd=spool_fd, follow_symlinks=False)
@@ -389,6 +390,30 @@ def _break_stale(spool_fd: int, name: str, stale_age: float) -> bool:
     except OSError:
         return False
     return True
+
+
+def _holder_dead(spool_fd: int, name: str) -> bool:
+    """True when the lock names the pid of a process that no longer exists on this host
+    (liblockfile's rule too): a killed delivery must not block the mailbox for minutes."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=spool_fd)
+        try:
+            text = os.read(fd, 32)
+        finally:
+            os.close(fd)
+        pid = int(text.strip() or b"0")
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _is_symlink(name: str, dir_fd: int) -> bool:

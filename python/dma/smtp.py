@@ -633,9 +633,10 @@ class Connection:
                 finish(data_code if data_code // 100 != 2 else 451, data_text, "DATA")
                 return
             self._stage = "sending message body"
-            # Lines over 998 octets go out unsplit here (RFC 5321 says a server may refuse
-            # them).  TODO(lead): a Rust transform that splits them the way Postfix does.
-            self._send_body(client, msg, "smtp", block_t)
+            # Lines over 998 octets are broken the way Postfix does (CRLF SPACE inserted):
+            # RFC 5321 lets a server refuse them, and only BDAT may carry them unchanged.
+            kind = "smtp-wrap" if msg.max_line > 998 else "smtp"
+            self._send_body(client, msg, kind, block_t)
             self._stage = "sending end of data -- message may be sent more than once"
             code, text = self._reply(client, dot_t, "end of DATA")
             what = "end of DATA"

@@ -4,7 +4,7 @@ journal, per-message locks, and the read-only listing behind ``mailq``.
 Layout and crash behaviour are described in docs/internals.md.  In short:
 
 * ``tmp/ID``      a message being written; a crash leaves only this debris, which
-                  :meth:`Spool.clean_debris` removes once it is an hour old.
+                  :meth:`Spool.clean_debris` removes once its writer's lock is gone.
 * ``queue/ID``    a committed message (message bytes, envelope, footer), written by
                   ``_core.SpoolWriter.commit`` with fsync + no-replace rename + directory fsync.
 * ``journal/ID``  one JSON line per delivery result, appended with one ``write``; a crash
@@ -32,7 +32,7 @@ from dma.errors import SpoolCorrupt, SpoolError, SpoolFullError
 from dma.outcome import Outcome
 
 ENVELOPE_VERSION = 1
-DEBRIS_AGE = 3600.0
+DEBRIS_AGE = 86400.0
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -278,7 +278,11 @@ class Spool:
                 pass
 
     def clean_debris(self, now: float | None = None) -> int:
-        """Remove temp files older than an hour and journals without a message."""
+        """Remove temp files whose writer is gone and journals without a message.
+
+        A live writer holds ``flock`` on its temp file, so an unlocked one is debris of a
+        writer that crashed or was killed; a temp file is also taken as debris once it is a
+        day old, whatever its lock (a writer stuck that long has failed)."""
         now = time.time() if now is None else now
         removed = 0
         queued = set(self.ids()) | set(self.ids(held=True))
@@ -291,7 +295,7 @@ class Spool:
                 p = os.path.join(d, name)
                 try:
                     if keep is None:
-                        if now - os.lstat(p).st_mtime < DEBRIS_AGE:
+                        if now - os.lstat(p).st_mtime < DEBRIS_AGE and _writer_alive(p):
                             continue
                     elif name in keep:
                         continue
@@ -327,6 +331,23 @@ class Spool:
         size = msg.size
         msg.close()
         return QueueEntry(qid, env, size, st.st_mtime, self.states(env), held=held)
+
+
+def _writer_alive(path: str) -> bool:
+    """Whether the writer of a temp file still holds its lock (see docs/internals.md)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True  # already gone: nothing to remove
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _fsync_dir(path: str) -> None:
