@@ -158,6 +158,10 @@ def queue_flush(ctx: click.Context, qids: tuple[str, ...]) -> None:
     for qid in qids:
         if _existing(c, qid):
             raise click.ClickException(f"{qid} is on hold; release it first")
+    if not qids:
+        from dma import pickup
+
+        pickup.pickup(c.spool, c.config, c.log)
     q.run_queue(c.spool, c.config, c.log, list(qids) or None)
 
 
@@ -165,9 +169,11 @@ def queue_flush(ctx: click.Context, qids: tuple[str, ...]) -> None:
 @click.pass_context
 def queue_run(ctx: click.Context) -> None:
     """The timer-driven runner: deliver the messages whose retry time has come."""
+    from dma import pickup
     from dma import queue as q
 
     c = _ctx(ctx)
+    pickup.pickup(c.spool, c.config, c.log)
     q.run_queue(c.spool, c.config, c.log, due_only=True)
 
 

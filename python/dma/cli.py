@@ -201,7 +201,12 @@ def _run(o: Options) -> int:
         from dma import queue
         from dma.spool import Spool
 
-        results = queue.run_queue(Spool(cfg.spooldir), cfg, log, o.queue_ids or None)
+        spool = Spool(cfg.spooldir)
+        if not o.queue_ids:
+            from dma import pickup
+
+            pickup.pickup(spool, cfg, log)
+        results = queue.run_queue(spool, cfg, log, o.queue_ids or None)
         missing = [r.queue_id for r in results if not r.claimed]
         if o.queue_ids and missing:
             log.info(f"skipped (locked by another runner or gone): {', '.join(missing)}")
@@ -215,6 +220,13 @@ def _send(o: Options, cfg: Config, log: Log) -> int:
     request = Request(recipients=o.recipients, sender=o.sender, full_name=o.full_name,
                       from_headers=o.from_headers, dot_ends=o.dot_ends)
     qid = submit(sys.stdin.fileno(), request, cfg)
+    from dma.spool import Spool
+
+    if Spool(cfg.spooldir).must_drop():
+        # Not ours to deliver: the queue runner picks it up (dma setup installs one that
+        # watches the drop directory).
+        log.info(f"{qid}: dropped for the queue runner")
+        return EX_OK
     log.info(f"{qid}: queued")
     if o.queue_only or cfg.defer:
         return EX_OK

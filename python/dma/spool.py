@@ -121,6 +121,7 @@ class Spool:
         self.queue_dir = os.path.join(root, "queue")
         self.journal_dir = os.path.join(root, "journal")
         self.hold_dir = os.path.join(root, "hold")
+        self.incoming_dir = os.path.join(root, "incoming")
 
     # -- writing -----------------------------------------------------------------------
 
@@ -146,6 +147,38 @@ class Spool:
             except OSError as e:
                 raise spool_error(e, f"cannot create a spool file in {self.tmp_dir}") from None
         raise SpoolError(f"cannot find a free queue id in {self.tmp_dir}")
+
+    def must_drop(self) -> bool:
+        """True for a submitter who may not write the queue but may drop messages into
+        ``incoming/`` (mode 1733, made by ``dma setup``) for the queue runner to pick up."""
+        return not os.access(self.queue_dir, os.W_OK | os.X_OK) and \
+            os.access(self.incoming_dir, os.W_OK | os.X_OK)
+
+    def new_drop(self, fd: int, *, dot_ends: bool) -> tuple[str, _core.SpoolWriter]:
+        """A writer creating ``incoming/ID`` at its final name; committed in place."""
+        for _ in range(8):
+            qid = new_id()
+            try:
+                return qid, _core.SpoolWriter(os.path.join(self.incoming_dir, qid), fd, dot_ends)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise spool_error(e, f"cannot drop a message into {self.incoming_dir}") from None
+        raise SpoolError(f"cannot find a free name in {self.incoming_dir}")
+
+    def commit_drop(self, writer: _core.SpoolWriter, request: bytes) -> None:
+        try:
+            writer.commit(request, None)
+        except OSError as e:
+            writer.abort()
+            raise spool_error(e, "cannot commit the message to the drop directory") from None
+
+    def drops(self) -> list[str]:
+        try:
+            names = os.listdir(self.incoming_dir)
+        except (FileNotFoundError, PermissionError):
+            return []
+        return sorted(n for n in names if _valid_id(n))
 
     def commit(self, writer: _core.SpoolWriter, envelope: Envelope) -> None:
         """Make the message durable under its id; after this returns it survives a crash."""

@@ -40,6 +40,38 @@ class Request:
 
 
 @dataclass(frozen=True)
+class DropRequest:
+    """What an unprivileged submitter asked for, stored with its dropped message.  Nothing
+    in it is trusted beyond what the submitter could ask of ``sendmail`` directly; who
+    submitted is the dropped file's owner."""
+
+    recipients: tuple[str, ...]
+    sender: str
+    full_name: str = ""
+    from_headers: bool = False
+
+    def to_bytes(self) -> bytes:
+        import json
+
+        return json.dumps({"v": 1, "drop": True, "recipients": list(self.recipients),
+                           "sender": self.sender, "full_name": self.full_name,
+                           "from_headers": self.from_headers}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DropRequest:
+        import json
+
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("v") != 1 or not doc.get("drop"):
+            raise ValueError("not a drop request")
+        rcpts = doc["recipients"]
+        if not isinstance(rcpts, list) or not all(isinstance(r, str) for r in rcpts):
+            raise ValueError("bad recipients")
+        return cls(tuple(rcpts), str(doc["sender"]), str(doc.get("full_name", "")),
+                   bool(doc.get("from_headers", False)))
+
+
+@dataclass(frozen=True)
 class Submitter:
     """The local identity of the caller, from the real uid (never from a header)."""
 
@@ -185,9 +217,14 @@ def submit(fd: int, request: Request, config: Config, *, submitter: Submitter | 
         raise NoRecipientsError("no recipients given on the command line")
 
     spool = Spool(config.spooldir)
-    qid, writer = spool.new_writer(fd, dot_ends=request.dot_ends)
+    drop = spool.must_drop()
+    if drop:
+        qid, writer = spool.new_drop(fd, dot_ends=request.dot_ends)
+    else:
+        qid, writer = spool.new_writer(fd, dot_ends=request.dot_ends)
     try:
-        head = message.parse_head(writer.read_head(HEAD_LIMIT))
+        raw_head = writer.read_head(HEAD_LIMIT)
+        head = message.parse_head(raw_head)
         if request.from_headers:
             for value in message.header_recipients(head):
                 try:
@@ -197,6 +234,15 @@ def submit(fd: int, request: Request, config: Config, *, submitter: Submitter | 
                 resolver.resolve(addrs, recipients)
             if not recipients:
                 raise NoRecipientsError("no recipients in the To/Cc/Bcc headers")
+        if drop:
+            # The queue runner submits it again with the dropped file's owner as the
+            # submitter; only then are the headers rewritten.
+            writer.write_head(raw_head)
+            writer.stream_rest()
+            spool.commit_drop(writer, DropRequest(
+                recipients=tuple(request.recipients), sender=sender or "<>",
+                full_name=request.full_name, from_headers=request.from_headers).to_bytes())
+            return qid
         now = time.time()
         ident = message.Identity(sender=sender, user=submitter.user, uid=submitter.uid,
                                  full_name=request.full_name or submitter.gecos,
