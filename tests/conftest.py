@@ -31,6 +31,12 @@ class DmaSite:
             f"MAILNAME {self.mailname}\nLOGFILE {self.root / 'dma.log'}\n{extra}"
         )
 
+    @property
+    def exe(self) -> str:
+        exe = shutil.which("dma")
+        assert exe, "dma is not installed (pip install -e .)"
+        return exe
+
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("EMAIL", "DMA_CONF")}
         env["DMA_CONF"] = str(self.conf)

@@ -84,6 +84,7 @@ def queue_show(ctx: click.Context, qid: str) -> None:
         click.echo(f"sender: <{env.sender}>")
         click.echo(f"submitted by: {env.user} (uid {env.uid})")
         click.echo(f"size: {msg.size}")
+        click.echo(f"delivery log: {c.log.destination}")
         click.echo("recipients:")
         for st in c.spool.states(env).values():
             click.echo(f"  {st.recipient}: {st.status}, {st.attempts} attempt(s)"
