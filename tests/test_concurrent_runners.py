@@ -11,10 +11,10 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import DmaSite
-from smtpd import Behaviour, ScriptedServer
 
 import dma
+from conftest import DmaSite
+from smtpd import Behaviour, ScriptedServer
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
