@@ -40,3 +40,12 @@ clean:
 .PHONY: torture
 torture:
 	DMA_TORTURE_TRIALS=1000 $(PYTHON) -m pytest -q -s tests/test_crash.py
+
+# make bench: installs what the benchmarks need (Debian's dma = C dma, Postfix's smtp-sink
+# unpacked into benches/build, a venv with this package built as a release wheel) and runs
+# every case against C dma; results in benches/results.json and benches/results.md.
+# BENCH_ARGS=--quick for a subset.  Needs root (C dma's config is /etc/dma/dma.conf; the
+# original file is restored when the run ends).
+.PHONY: bench
+bench:
+	$(PYTHON) benches/bench.py $(BENCH_ARGS)

@@ -111,6 +111,7 @@ def case_latency(ctx: Ctx) -> Json:
             def wait() -> None:
                 B.wait_until(lambda: pending() == 0, 30, "the delivery to finish")
                 ctx.quiet()
+                sink.settle(1)
             return wait
 
         variants["floor: /bin/true"] = timed(["/bin/true"], B.bench_env(), None)
@@ -182,16 +183,20 @@ def e2e(ctx: Ctx, who: str, sinks: Sequence[B.SmtpSink], expect: Sequence[int], 
         rcpts: Sequence[str], timeout: float) -> Json:
     """Submit in default mode; the run ends when every sink has its expected number of
     messages (and the spool is empty).  Returns total, submit and delivery times."""
-    bases = [s.counts()[1] for s in sinks]
+    bases = [s.settle() for s in sinks]
     cmd, env, pending = ((OURS, ctx.ours.env(), ctx.ours.pending) if who == "ours"
                          else (CDMA, B.bench_env(), ctx.cdma.pending))
     t0, t_sub = B.run_timed([cmd, *rcpts], msg, env, timeout=timeout)
-    t_last = max(s.wait_mesg(b + n, timeout) for s, b, n in zip(sinks, bases, expect, strict=True))
+    t_last = max(s.wait_mesg(b + n, timeout) for s, b, n in zip(sinks, bases, expect,
+                                                                    strict=True))
     B.wait_until(lambda: pending() == 0, 60, f"{who}'s spool to empty")
     ctx.quiet()
+    time.sleep(0.05)
     got = [s.counts()[1] - b for s, b in zip(sinks, bases, strict=True)]
     if got != list(expect):
         raise RuntimeError(f"{who}: sinks received {got} messages, expected {list(expect)}")
+    for s, n in zip(sinks, expect, strict=True):
+        s.settle(n)
     return {"total": t_last - t0, "submit": t_sub - t0, "delivery": t_last - t_sub}
 
 
@@ -223,6 +228,12 @@ def measure_pair(ctx: Ctx, label: str, fns: dict[str, Callable[[], Json]],
         if "delivery" in out["ours"]:
             out["ratio_delivery"] = B.ratio(out["c"]["delivery"], out["ours"]["delivery"])
     return out
+
+
+def raw_counted(sink: B.SmtpSink, send: Callable[[], float], count: int = 1) -> float:
+    t = send()
+    sink.settle(count)
+    return t
 
 
 def print_cell(c: Json) -> None:
@@ -269,7 +280,8 @@ def case_large(ctx: Ctx) -> Json:
                 cell = measure_pair(ctx, label, {
                     "ours": lambda: e2e(ctx, "ours", [sink], [1], msg, rcpts, timeout),
                     "c": lambda: e2e(ctx, "c", [sink], [n], msg, rcpts, timeout),
-                }, lambda: B.raw_smtp("127.0.0.1", sink.port, wire, rcpts),
+                }, lambda: raw_counted(sink, lambda: B.raw_smtp("127.0.0.1", sink.port, wire,
+                                                                   rcpts)),
                     warmup=size_mb * n < 3500)
             except Exception as e:  # noqa: BLE001 - record, clean up, go on
                 ctx.reset()
@@ -315,7 +327,10 @@ def case_mx(ctx: Ctx) -> list[Json]:
                 t0 = time.monotonic()
                 with ThreadPoolExecutor(ndom) as ex:
                     list(ex.map(lambda d: B.raw_smtp(addrs[d], 25, wire, per[d]), range(ndom)))
-                return time.monotonic() - t0
+                t = time.monotonic() - t0
+                for sk in sinks:
+                    sk.settle(1)
+                return t
 
             label = f"MX {size_mb} MB x {n} / {ndom} hosts"
             try:
@@ -456,7 +471,8 @@ def case_flush(ctx: Ctx) -> Json:
         log("filling our queue (dma.send in the venv) and C dma's (dma -bq) with 1,000 each")
         fill = ("import dma, sys\nbody = open(sys.argv[1], 'rb').read()\n"
                 "for _ in range(int(sys.argv[2])):\n"
-                "    dma.send(body, recipients=['q@remote.test'], config=sys.argv[3], deliver=False)\n")
+                "    dma.send(body, recipients=['q@remote.test'], config=sys.argv[3],\n"
+                "             deliver=False)\n")
         B.sh([B.VENV_PY, "-c", fill, msg, str(count), ctx.ours.path], env=ctx.ours.env())
         with ThreadPoolExecutor(4) as ex:
             list(ex.map(lambda _: B.run_timed([CDMA, "-bq", "q@remote.test"], msg,
@@ -472,7 +488,8 @@ def case_flush(ctx: Ctx) -> Json:
             spool = ctx.ours.spool if who == "ours" else ctx.cdma.spool
             shutil.rmtree(spool)
             B.sh(["cp", "-a", snaps[who], spool])
-            sess0, mesg0 = sink.counts()
+            mesg0 = sink.settle()
+            sess0 = sink.counts()[0]
             if who == "ours":
                 t0, t_ret = B.run_timed([OURS, "-q"], None, ctx.ours.env(), timeout=300)
                 t_empty = B.wait_until(lambda: ctx.ours.pending() == 0, 300, "our queue",
@@ -487,13 +504,14 @@ def case_flush(ctx: Ctx) -> Json:
             sess1, mesg1 = sink.counts()
             if mesg1 - mesg0 != count:
                 raise RuntimeError(f"{who}: sink got {mesg1 - mesg0} of {count}")
+            sink.settle(count)
             return {"total": max(t_empty, t_ret) - t0, "last_message_at_sink": t_sink - t0,
                     "connections": float(sess1 - sess0)}
 
         cell = measure_pair(ctx, "flush 1,000 x 4 KB", {"ours": lambda: flush("ours"),
                                                         "c": lambda: flush("c")},
-                            lambda: B.raw_pipelined("127.0.0.1", sink.port, msg.read_bytes(),
-                                                    count))
+                            lambda: raw_counted(sink, lambda: B.raw_pipelined(
+                                "127.0.0.1", sink.port, msg.read_bytes(), count), count))
     for s in snaps.values():
         shutil.rmtree(s, ignore_errors=True)
     ctx.reset()
@@ -526,12 +544,12 @@ def case_rss(ctx: Ctx) -> Json:
                     kind = "smtp" if "@" in dest else "local mbox"
                     rows.setdefault(f"submit 1 GB (-bq), {kind}", []).append(
                         B.run_rss([cmd, "-bq", dest], msg, env))
-                    base = sink.counts()[1]
+                    sink.settle()
                     rows.setdefault(f"deliver 1 GB (-q), {kind}", []).append(
                         B.run_rss([cmd, "-D", "-q"], None, env))
                     ctx.quiet()
                     if kind == "smtp":
-                        sink.wait_mesg(base + 1, 60)
+                        sink.settle(1)
                     for p in ctx.ours.mail.iterdir():
                         p.unlink()
                     restore_var_mail()
@@ -548,9 +566,9 @@ def case_rss(ctx: Ctx) -> Json:
             rcpts = [f"user{i}@remote{i % 7}.test" for i in range(n)]
             for who in whom:
                 cmd, env = (OURS, ctx.ours.env()) if who == "ours" else (CDMA, B.bench_env())
-                base = sink.counts()[1]
+                sink.settle()
                 wall, rss = B.run_rss([cmd, "-D", *rcpts], m, env)
-                sink.wait_mesg(base + (1 if who == "ours" else n), 600)
+                sink.settle(1 if who == "ours" else n, 600)
                 ctx.quiet(600)
                 key = f"-D {size_mb} MB x {n}"
                 out.setdefault(who, {})[key] = {"wall_of_the_process": wall, "peak_rss_mb": rss}
@@ -578,7 +596,8 @@ def case_raw(ctx: Ctx) -> Json:
             wire = B.wire_path(msg)
             n = ctx.runs if size_mb < 1024 else 3
             dd = [B.dd_fsync(msg) for _ in range(1 + n)][1:]
-            tcp = [B.raw_smtp("127.0.0.1", sink.port, wire, ["raw@remote.test"])
+            tcp = [raw_counted(sink, lambda: B.raw_smtp("127.0.0.1", sink.port, wire,
+                                                        ["raw@remote.test"]))
                    for _ in range(1 + n)][1:]
             out["dd_fsync"][str(size_mb)] = stats(dd)
             out["tcp_one_data"][str(size_mb)] = stats(tcp)

@@ -309,6 +309,8 @@ class SmtpSink:
         self.mesg = 0
         self.mesg_times: list[float] = []
         """mesg_times[i]: when the (i+1)-th message had been received."""
+        self.expected = 0
+        """How many messages the bench has sent here in all (see settle())."""
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -372,7 +374,19 @@ class SmtpSink:
                     raise TimeoutError(f"smtp-sink {self.host}:{self.port}: {self.mesg} of "
                                        f"{count} messages after {timeout:.0f}s")
                 self._cv.wait(min(left, 0.5))
-            return self.mesg_times[count - 1]
+            return self.mesg_times[count - 1] if count > 0 else time.monotonic()
+
+    def settle(self, add: int = 0, timeout: float = 60) -> int:
+        """Account for ``add`` more messages sent here, wait until the sink has counted every
+        message sent so far (its counter lines can trail the reply to the client), and return
+        that total: the base for the next run."""
+        self.expected += add
+        self.wait_mesg(self.expected, timeout)
+        with self._cv:
+            if self.mesg != self.expected:
+                raise RuntimeError(f"smtp-sink {self.host}:{self.port} counted {self.mesg} "
+                                   f"messages, the bench sent {self.expected}")
+        return self.expected
 
     def counts(self) -> tuple[int, int]:
         with self._cv:

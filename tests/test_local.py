@@ -303,7 +303,8 @@ def test_unknown_format_deferred(mailspool: Path, make_msg: MakeMsg) -> None:
 def test_held_dotlock_defers(mailspool: Path, make_msg: MakeMsg) -> None:
     (mailspool / ME).write_bytes(b"")
     lock = mailspool / f"{ME}.lock"
-    lock.write_bytes(b"12345\n")
+    holder = f"{os.getppid()}\n".encode()  # a live process
+    lock.write_bytes(holder)
     t0 = time.monotonic()
     out = local.deliver(make_msg(SIMPLE), "a@h", ME, cfg(mailspool), lock_timeout=0.4)
     elapsed = time.monotonic() - t0
@@ -311,8 +312,23 @@ def test_held_dotlock_defers(mailspool: Path, make_msg: MakeMsg) -> None:
     assert out.dsn.startswith("4.")
     assert "locked" in out.reply and str(lock) in out.reply
     assert 0.4 <= elapsed < 3
-    assert lock.read_bytes() == b"12345\n"  # somebody else's lock is left alone
+    assert lock.read_bytes() == holder  # somebody else's lock is left alone
     assert (mailspool / ME).read_bytes() == b""
+
+
+def test_dotlock_of_dead_process_is_broken(mailspool: Path, make_msg: MakeMsg) -> None:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()  # its pid now names no process
+    lock = mailspool / f"{ME}.lock"
+    lock.write_bytes(f"{p.pid}\n".encode())
+    t0 = time.monotonic()
+    out = local.deliver(make_msg(SIMPLE), "a@h", ME, cfg(mailspool), lock_timeout=30)
+    assert out.status == "delivered", out
+    assert time.monotonic() - t0 < 5
+    assert not lock.exists()
+    assert [n for n in os.listdir(mailspool) if n.startswith(".")] == []  # no link debris
 
 
 def test_dotlock_released_while_waiting(mailspool: Path, make_msg: MakeMsg) -> None:
@@ -555,3 +571,36 @@ def test_threads_same_message_same_mbox(mailspool: Path, make_msg: MakeMsg) -> N
     assert outs == ["delivered"] * 8
     assert (mailspool / ME).read_bytes() == copy(body) * 8
     assert not (mailspool / f"{ME}.lock").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_partial_copy_of_killed_delivery_is_removed(mailspool: Path, make_msg: MakeMsg) -> None:
+    """A delivery killed mid-append leaves its dotlock (dead pid + start offset) and a cut
+    copy; the next delivery removes the cut copy before appending."""
+    before = b"From a@b Thu Jan  1 00:00:00 2026\nSubject: old\n\nkept\n\n"
+    partial = b"From x@y Thu Jan  1 00:00:01 2026\nSubject: cut\n\nhalf a mes"
+    (mailspool / ME).write_bytes(before + partial)
+    (mailspool / f"{ME}.lock").write_bytes(f"{_dead_pid()} {len(before)}\n".encode())
+    out = local.deliver(make_msg(SIMPLE), "root@host", ME, cfg(mailspool), now=NOW,
+                        lock_timeout=5)
+    assert out.status == "delivered", out
+    assert (mailspool / ME).read_bytes() == before + copy(SIMPLE)
+
+
+def test_partial_copy_kept_when_others_wrote_after_it(mailspool: Path,
+                                                      make_msg: MakeMsg) -> None:
+    before = b"From a@b Thu Jan  1 00:00:00 2026\n\nkept\n\n"
+    partial = b"From x@y Thu Jan  1 00:00:01 2026\n\nhalf\n\nFrom other@z Thu Jan  1 2026\n\nx\n\n"
+    (mailspool / ME).write_bytes(before + partial)
+    (mailspool / f"{ME}.lock").write_bytes(f"{_dead_pid()} {len(before)}\n".encode())
+    out = local.deliver(make_msg(SIMPLE), "root@host", ME, cfg(mailspool), now=NOW,
+                        lock_timeout=5)
+    assert out.status == "delivered", out
+    assert (mailspool / ME).read_bytes() == before + partial + copy(SIMPLE)

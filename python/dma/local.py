@@ -195,14 +195,17 @@ def _deliver_mbox(msg: MessageFile, sender: str, pw: pwd.struct_passwd, spool_fd
                   stale_lock_age: float) -> None:
     deadline = time.monotonic() + lock_timeout
     name = pw.pw_name
-    with _dotlock(spool_fd, f"{name}.lock", path + ".lock", deadline, stale_lock_age):
+    with _dotlock(spool_fd, f"{name}.lock", path + ".lock", deadline,
+                  stale_lock_age) as lock:
         fd = _open_mbox(spool_fd, name, path, pw)
         try:
             st = os.fstat(fd)
             _check_regular(st, path)
             _fcntl_lock(fd, path, deadline)
             try:
-                _append_locked(fd, msg, sender, path, now)
+                if lock.recovered is not None:
+                    _cut_partial(fd, lock.recovered)
+                _append_locked(fd, msg, sender, path, now, lock)
             finally:
                 _fcntl_unlock(fd)
         finally:
@@ -260,10 +263,11 @@ def _check_regular(st: os.stat_result, path: str) -> None:
 
 
 def _append_locked(fd: int, msg: MessageFile, sender: str, path: str,
-                   now: float | None) -> None:
+                   now: float | None, lock: _Dotlock) -> None:
     st = os.fstat(fd)
     _check_regular(st, path)  # again, now that nobody else may change it
     old_size = st.st_size
+    lock.note(old_size)
     try:
         sep = _separator_prefix(fd, old_size)
         stamp = time.asctime(time.localtime(now))
@@ -277,6 +281,29 @@ def _append_locked(fd: int, msg: MessageFile, sender: str, path: str,
         if isinstance(e, OSError):
             raise _io_reason(f"writing to mailbox {path} failed", e) from e
         raise
+
+
+def _cut_partial(fd: int, offset: int) -> None:
+    """Remove what a killed dma delivery left after ``offset`` (recorded in its dotlock):
+    a cut copy, or a complete copy whose success never reached the journal and that will be
+    delivered again now.  Only when nothing but that one message follows ``offset``: its
+    ``From `` line first and no other message separator after it (mboxrd escaping keeps
+    ``From `` out of message text), so nothing another program appended is ever removed."""
+    size = os.fstat(fd).st_size
+    if offset >= size:
+        return
+    head = os.pread(fd, 7, offset)
+    if not (head.startswith(b"From ") or head.startswith(b"\nFrom ")
+            or head.startswith(b"\n\nFrom ")):
+        return
+    pos = offset + head.index(b"From ") + 5
+    chunk = 1 << 20
+    while pos < size:
+        block = os.pread(fd, chunk + 5, pos)
+        if not block or b"\nFrom " in block:
+            return
+        pos += chunk
+    _truncate_back(fd, offset)
 
 
 def _separator_prefix(fd: int, size: int) -> bytes:
@@ -330,37 +357,49 @@ def _fcntl_unlock(fd: int) -> None:
 
 @contextmanager
 def _dotlock(spool_fd: int, name: str, path: str, deadline: float,
-             stale_age: float) -> Iterator[None]:
-    """Holds ``<mailspool>/<user>.lock`` (created with O_EXCL, our pid inside)."""
+             stale_age: float) -> Iterator[_Dotlock]:
+    """Holds ``<mailspool>/<user>.lock`` with our pid inside.  As liblockfile does, the pid
+    is written to a uniquely named file first and that file is then hard-linked to the lock
+    name, so a crash can never leave an empty lock (which only age could break)."""
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
-    delay = _BACKOFF_FIRST
-    while True:
-        try:
-            fd = os.open(name, flags, 0o644, dir_fd=spool_fd)
-            break
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise _io_reason(f"cannot create lock file {path}", e) from e
-        if _break_stale(spool_fd, name, stale_age):
-            continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _deferred(f"mailbox is locked by another program ({path} exists); "
-                            "will try again later", "4.2.0")
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, _BACKOFF_MAX)
     try:
+        _unlink_quietly(tmp, spool_fd)
+        fd = os.open(tmp, flags, 0o644, dir_fd=spool_fd)
         try:
             _write_all(fd, f"{os.getpid()}\n".encode())
             mine = os.fstat(fd)
         finally:
             os.close(fd)
     except OSError as e:
-        _unlink_quietly(name, spool_fd)
-        raise _io_reason(f"cannot write lock file {path}", e) from e
+        _unlink_quietly(tmp, spool_fd)
+        raise _io_reason(f"cannot create lock file {path}", e) from e
+    delay = _BACKOFF_FIRST
+    recovered: int | None = None
     try:
-        yield
+        while True:
+            try:
+                os.link(tmp, name, src_dir_fd=spool_fd, dst_dir_fd=spool_fd,
+                        follow_symlinks=False)
+                break
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise _io_reason(f"cannot create lock file {path}", e) from e
+            broken, left = _break_stale(spool_fd, name, stale_age)
+            if broken:
+                recovered = left if left is not None else recovered
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _deferred(f"mailbox is locked by another program ({path} exists); "
+                                "will try again later", "4.2.0")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _BACKOFF_MAX)
+    finally:
+        _unlink_quietly(tmp, spool_fd)
+    try:
+        yield _Dotlock(spool_fd, name, mine, recovered)
     finally:
         # Remove it only if it is still ours (not broken as stale and re-created meanwhile).
         try:
@@ -371,16 +410,19 @@ def _dotlock(spool_fd: int, name: str, path: str, deadline: float,
             pass
 
 
-def _break_stale(spool_fd: int, name: str, stale_age: float) -> bool:
-    """Removes the dotlock when it is older than ``stale_age``; True when it is gone."""
+def _break_stale(spool_fd: int, name: str, stale_age: float) -> tuple[bool, int | None]:
+    """Removes the dotlock when it is older than ``stale_age`` or its holder is dead.
+    Returns (gone, offset): the mailbox size a dead dma delivery recorded in it, if any."""
     try:
         st = os.stat(name, dir_fd=spool_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return True
+        return True, None
     except OSError:
-        return False
-    if time.time() - st.st_mtime <= stale_age and not _holder_dead(spool_fd, name):
-        return False
+        return False, None
+    pid, offset = _lock_contents(spool_fd, name)
+    dead = pid is not None and _pid_dead(pid)
+    if time.time() - st.st_mtime <= stale_age and not dead:
+        return False, None
     try:
         again = os.stat(name, dir_fd=spool_fd, follow_symlinks=False)
         if (again.st_ino, again.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
@@ -388,25 +430,56 @@ def _break_stale(spool_fd: int, name: str, stale_age: float) -> bool:
     except FileNotFoundError:
         pass
     except OSError:
-        return False
-    return True
+        return False, None
+    return True, offset if dead else None
 
 
-def _holder_dead(spool_fd: int, name: str) -> bool:
-    """True when the lock names the pid of a process that no longer exists on this host
-    (liblockfile's rule too): a killed delivery must not block the mailbox for minutes."""
+class _Dotlock:
+    """The dotlock we hold; ``note`` records where our append starts, so that if we are
+    killed mid-write the next delivery can remove the partial copy."""
+
+    def __init__(self, spool_fd: int, name: str, mine: os.stat_result,
+                 recovered: int | None) -> None:
+        self.spool_fd, self.name, self.mine, self.recovered = spool_fd, name, mine, recovered
+        if recovered is not None:
+            # Carried over at once: if we are killed too before cutting, the next delivery
+            # still knows where the partial copy starts.
+            self.note(recovered)
+
+    def note(self, offset: int) -> None:
+        try:
+            fd = os.open(self.name, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=self.spool_fd)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (self.mine.st_dev, self.mine.st_ino):
+                # One small write at offset 0: it lands whole or not at all, and the pid
+                # stays first, where other programs look for it.
+                os.pwrite(fd, f"{os.getpid()} {offset}\n".encode(), 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _lock_contents(spool_fd: int, name: str) -> tuple[int | None, int | None]:
+    """(pid, recorded mailbox offset) from a dotlock; None where absent or unreadable."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      dir_fd=spool_fd)
         try:
-            text = os.read(fd, 32)
+            words = os.read(fd, 64).split()
         finally:
             os.close(fd)
-        pid = int(text.strip() or b"0")
+        pid = int(words[0]) if words else None
+        offset = int(words[1]) if len(words) > 1 else None
     except (OSError, ValueError):
-        return False
-    if pid <= 0:
-        return False
+        return None, None
+    return (pid if pid and pid > 0 else None), offset
+
+
+def _pid_dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
