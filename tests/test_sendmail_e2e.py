@@ -304,3 +304,24 @@ def test_large_message_memory_stays_flat(site: DmaSite, tmp_path: Path) -> None:
     assert peak_mb < 80
     size = site.mailbox().stat().st_size
     assert size > src.stat().st_size
+
+
+def test_full_spool_while_journaling_loses_nothing(site: DmaSite, tiny_spool: Path) -> None:
+    r = site.run("-bq", "root", input=b"Subject: j\n\njournal me\n")
+    assert r.returncode == 0, r.stderr
+    filler = tiny_spool / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the spool's filesystem to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    r = site.run("-q")
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert b"journal me" in site.mailbox().read_bytes()
+    assert len(site.queue_ids()) == 1  # the result could not be written: still queued
+    assert "cannot write the journal" in (site.root / "dma.log").read_text()
+    filler.unlink()
+    assert site.run("-q").returncode == 0
+    assert site.queue_ids() == []

@@ -240,7 +240,11 @@ def _deliver_now(qid: str, cfg: Config, log: Log) -> int:
     from dma import queue
     from dma.spool import Spool
 
-    result = queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)
+    try:
+        result = queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)
+    except OSError as e:
+        log.error(f"{qid}: delivery attempt failed: {e}; the message stays queued")
+        return EX_TEMPFAIL
     # Still queued for someone: the caller should know it is not finished yet.
     if result.pending:
         return EX_TEMPFAIL

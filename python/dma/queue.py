@@ -81,7 +81,13 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log,
                     o = Outcome(o.recipient, "failed",
                                 f"gave up after {config.lifetime / 86400:g} days in the "
                                 f"queue; last error: {o.reply}", _permanent(o.dsn), o.relay)
-                spool.record(qid, o)
+                try:
+                    spool.record(qid, o)
+                except OSError as e:
+                    # The outcome is lost, not the message: it stays queued and this
+                    # recipient may get a second copy on the next run.
+                    log.error(f"{qid}: cannot write the journal ({e.strerror}); "
+                              f"<{o.recipient}> may receive this message again")
                 log.info(f"{qid}: to=<{o.recipient}> relay={o.relay or 'none'} "
                          f"status={o.status} ({o.reply})")
                 outcomes.append(o)
@@ -139,7 +145,11 @@ def _warn_delay(spool: Spool, msg: _core.MessageFile, env: Envelope, config: Con
     except (DmaError, OSError) as e:
         log.error(f"{env.id}: cannot spool the delay notice ({e})")
         return None
-    spool.mark(env.id, "delay-warning")
+    try:
+        spool.mark(env.id, "delay-warning")
+    except OSError as e:
+        log.error(f"{env.id}: cannot write the journal ({e.strerror}); the delay notice "
+                  f"may be sent again")
     log.info(f"{env.id}: delay notice to <{env.sender}> as {nid}")
     return nid
 
@@ -215,6 +225,11 @@ def _run_all(spool: Spool, config: Config, log: Log, ids: Sequence[str], due_onl
             log.error(f"{qid}: refusing to deliver a damaged queue file ({e}); "
                       f"inspect it with 'dma queue show {qid}' or remove it with "
                       f"'dma queue delete {qid}'")
+            results.append(RunResult(qid, [], claimed=False, error=str(e)))
+        except OSError as e:
+            # One message's trouble (a full spool disk, an unreadable file) must not stop
+            # the run for the others; the message stays queued.
+            log.error(f"{qid}: delivery attempt failed: {e}; the message stays queued")
             results.append(RunResult(qid, [], claimed=False, error=str(e)))
     return results
 
