@@ -682,7 +682,7 @@ def markdown(res: Json) -> str:
     L: list[str] = []
     meta = res.get("meta", {})
     L.append(f"Measured {meta.get('date', '?')} on {meta.get('cpus', '?')} CPUs "
-             f"(ours: dma {meta.get('versions', {}).get('ours', '?')} at "
+             f"(ours: {meta.get('versions', {}).get('ours', '?')} at "
              f"{meta.get('versions', {}).get('git', '?')}; C dma "
              f"{meta.get('versions', {}).get('c_dma', '?')}); medians of "
              f"{meta.get('runs', '?')} runs after a warm-up; ratio = C dma / ours.\n")
@@ -697,7 +697,7 @@ def markdown(res: Json) -> str:
     large = cases.get("2_large")
     if large:
         L += ["| end to end (submit .. last copy at the sink) | ours | C dma | ratio | "
-              "ours delivery phase | raw loopback copy |", "|---|---:|---:|---:|---:|---:|"]
+              "ours: submit + delivery | raw loopback copy |", "|---|---:|---:|---:|---:|---:|"]
         for c in large["cells"] + large.get("mx", []):
             if "error" in c:
                 L.append(f"| {c['case']} | error: {c['error'][:60]} | | | | |")
@@ -705,6 +705,7 @@ def markdown(res: Json) -> str:
             cm = ms(c["c"]["total"]["median"]) if "c" in c else "n/a"
             rt = f"{c['ratio_total']:.1f}x" if "ratio_total" in c else ""
             L.append(f"| {c['case']} | {ms(c['ours']['total']['median'])} | {cm} | {rt} | "
+                     f"{ms(c['ours']['submit']['median'])} + "
                      f"{ms(c['ours']['delivery']['median'])} | {ms(c['raw_tcp']['median'])} |")
         b = large.get("bytes", {})
         if b:

@@ -402,6 +402,10 @@ class SmtpSink:
                 self.proc.wait(5)
         if self._thread is not None:
             self._thread.join(2)
+        err = RUN / f"smtp-sink-{self.host}-{self.port}.err"
+        with contextlib.suppress(OSError):
+            if err.stat().st_size == 0:
+                err.unlink()
 
 
 class HashSink:

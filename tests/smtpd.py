@@ -40,9 +40,18 @@ def crlf(body: bytes) -> bytes:
 
 
 def over_data(body: bytes) -> bytes:
-    """... and over DATA (kind "smtp"): a final CRLF is added when missing."""
+    """... and over DATA: a final CRLF is added when missing, and lines over 998 octets are
+    broken the way Postfix does (CRLF SPACE after every 998 octets, the space counting
+    toward the next 998), a reference independent of the Rust transform."""
     out = crlf(body)
-    return out if out.endswith(b"\r\n") or not out else out + b"\r\n"
+    out = out if out.endswith(b"\r\n") or not out else out + b"\r\n"
+    lines = []
+    for line in out.split(b"\r\n"):
+        while len(line) > 998:
+            lines.append(line[:998])
+            line = b" " + line[998:]
+        lines.append(line)
+    return b"\r\n".join(lines)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -740,7 +740,7 @@ def test_dotlock_of_killed_runner_does_not_block_delivery(site: DmaSite) -> None
             break
     if holder is None:
         pytest.skip("could not kill the runner while it held the dotlock")
-    assert lock.read_text().strip() == str(holder), "the dotlock names the killed runner"
+    assert lock.read_text().split()[0] == str(holder), "the dotlock names the killed runner"
     t0 = time.monotonic()
     problem = _final_run(site, 15.0)  # a healthy run takes well under a second
     took = time.monotonic() - t0
