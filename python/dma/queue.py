@@ -46,6 +46,8 @@ def _remote(msg: _core.MessageFile, env: Envelope, dest: route.Destination, conf
         hosts = route.resolve(dest, config)
     except route.RouteError as e:
         status: Status = "failed" if e.permanent else "deferred"
+        log.info(f"{env.id}: to={','.join(f'<{r}>' for r in dest.recipients)}, "
+                 f"relay=none, status={status} ({e.reason})")
         return [Outcome(r, status, e.reason, e.dsn) for r in dest.recipients]
     from dma import auth, smtp
 
@@ -88,8 +90,10 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log,
                     # recipient may get a second copy on the next run.
                     log.error(f"{qid}: cannot write the journal ({e.strerror}); "
                               f"<{o.recipient}> may receive this message again")
-                log.info(f"{qid}: to=<{o.recipient}> relay={o.relay or 'none'} "
-                         f"status={o.status} ({o.reply})")
+                if o.relay.startswith(("mbox:", "maildir:")) or expired:
+                    # SMTP attempts are logged by smtp.deliver, one line per destination.
+                    log.info(f"{qid}: to=<{o.recipient}> relay={o.relay or 'none'} "
+                             f"status={o.status} ({o.reply})")
                 outcomes.append(o)
 
         if plan.remote:
