@@ -325,3 +325,28 @@ def test_full_spool_while_journaling_loses_nothing(site: DmaSite, tiny_spool: Pa
     filler.unlink()
     assert site.run("-q").returncode == 0
     assert site.queue_ids() == []
+
+
+def test_full_spool_when_bouncing_keeps_the_original(site: DmaSite, tiny_spool: Path) -> None:
+    (site.mail / "daemon").symlink_to(site.root / "elsewhere")  # daemon fails for good
+    r = site.run("-bq", "-f", "root@mail.test", "daemon", input=b"Subject: b\n\nbounce me\n")
+    assert r.returncode == 0, r.stderr
+    (qid,) = site.queue_ids()
+    # A journal page allocated beforehand: the result fits in it on the full disk, the
+    # bounce (a new file) does not.
+    (tiny_spool / "journal" / qid).write_bytes(b'{"t":0,"event":"test"}\n')
+    filler = tiny_spool / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    r = site.run("-q")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert site.queue_ids() == [qid]  # never deleted before its bounce is spooled
+    assert "cannot spool the bounce" in (site.root / "dma.log").read_text()
+    filler.unlink()
+    assert site.run("-q").returncode == 0
+    assert site.queue_ids() == []
+    assert b"Undelivered Mail Returned to Sender" in site.mailbox("root").read_bytes()

@@ -96,7 +96,10 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log,
                              f"status={o.status} ({o.reply})")
                 outcomes.append(o)
 
-        if plan.remote:
+        if len(plan.remote) == 1 and not plan.local:
+            # The common case (one smarthost): no thread to start for a single destination.
+            done(_remote(msg, env, plan.remote[0], config, log, pool))
+        elif plan.remote:
             workers = max(1, min(config.max_parallel, len(plan.remote)))
             with ThreadPoolExecutor(workers) as workers_pool:
                 futures = [workers_pool.submit(_remote, msg, env, d, config, log, pool)

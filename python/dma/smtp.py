@@ -436,6 +436,11 @@ class Connection:
         finally:
             client.close()
 
+    @property
+    def needs_reset(self) -> bool:
+        """The last transaction broke off midway: RSET before the next one."""
+        return self._need_rset
+
     def reset(self) -> bool:
         """RSET before reusing the session for another message; False (and closed) when the
         server is gone or does not answer 250, so the caller opens a fresh connection."""
@@ -715,21 +720,32 @@ class Connection:
 # -- deliver -------------------------------------------------------------------------------
 
 
+_REUSE_WITHOUT_RSET = 5.0
+"""Seconds after its last transaction a pooled session is reused without an RSET probe."""
+
+
 class ConnectionPool:
     """Sessions kept open for the length of one queue run, one per (kind, host, port), so
     that many messages to one smarthost share a connection.  Thread-safe: a session is
     taken out while in use."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], Connection] = {}
+        self._idle: dict[tuple[str, str, int], tuple[Connection, float]] = {}
         self._lock = threading.Lock()
         self.opened = 0
         """Connections opened through this pool (for logs and benchmarks)."""
 
     def take(self, key: tuple[str, str, int]) -> Connection | None:
         with self._lock:
-            conn = self._idle.pop(key, None)
-        if conn is not None and conn.reset():
+            conn, since = self._idle.pop(key, (None, 0.0))
+        if conn is None:
+            return None
+        # A session used moments ago is alive (RFC 5321 servers wait minutes before timing
+        # out) and a MAIL may follow a completed transaction directly; one idle for longer
+        # is checked with RSET first, and replaced if that fails.
+        if time.monotonic() - since < _REUSE_WITHOUT_RSET and not conn.needs_reset:
+            return conn
+        if conn.reset():
             return conn
         return None
 
@@ -738,14 +754,14 @@ class ConnectionPool:
             conn.close()
             return
         with self._lock:
-            old, self._idle[key] = self._idle.get(key), conn
+            old, self._idle[key] = self._idle.get(key, (None, 0.0))[0], (conn, time.monotonic())
         if old is not None:
             old.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = list(self._idle.values()), {}
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
     def __enter__(self) -> ConnectionPool:
