@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 from collections.abc import Callable
@@ -89,7 +88,7 @@ def test_missing_default_file_means_defaults(monkeypatch: pytest.MonkeyPatch) ->
     c = load(env={})
     assert c.path is None
     assert c.mailname == HOST
-    assert dataclasses.replace(c, mailname="localhost") == Config()
+    assert c.replace(mailname="localhost") == Config()
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
@@ -133,7 +132,7 @@ def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     c = conf(tmp_path, "")
-    assert c == dataclasses.replace(Config(), path=c.path, mailname=HOST)
+    assert c == Config().replace(path=c.path, mailname=HOST)
 
 
 def test_comments_and_blank_lines(tmp_path: Path) -> None:
@@ -518,20 +517,37 @@ def test_bad_max_parallel(tmp_path: Path, value: str) -> None:
 
 def test_config_is_frozen() -> None:
     c = Config()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        c.port = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="cannot assign to field 'port'"):
+        c.port = 2
+    with pytest.raises(AttributeError):
+        c.no_such_field = 2  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        del c.port
+    assert c.port == 25
 
 
 def test_handwritten_init_matches_fields() -> None:
     params = list(inspect.signature(Config.__init__).parameters.values())[1:]
-    fields = dataclasses.fields(Config)
-    assert [p.name for p in params] == [f.name for f in fields]
-    assert [p.default for p in params] == [f.default for f in fields]
-    assert [p.annotation for p in params] == [f.type for f in fields]
-    defaults: list[Any] = [f.default for f in fields]
-    c = Config(*defaults)
-    assert c == Config()
-    assert dataclasses.replace(c, port=2).port == 2
+    names = list(Config.__slots__)
+    assert [p.name for p in params] == names == list(Config.__annotations__)
+    assert [p.annotation for p in params] == [Config.__annotations__[n] for n in names]
+    c = Config()
+    assert [p.default for p in params] == [getattr(c, n) for n in names]
+    defaults: list[Any] = [p.default for p in params]
+    assert Config(*defaults) == c
+    assert Config(*defaults).replace(port=2) == Config(port=2)
+    assert c.replace() == c and c.replace() is not c
+    with pytest.raises(TypeError):
+        c.replace(no_such_field=1)
+
+
+def test_config_pickles_and_copies() -> None:
+    import copy
+    import pickle
+
+    c = Config(port=2, resolver=("127.0.0.1", 53), fingerprint=b"x" * 32)
+    assert pickle.loads(pickle.dumps(c)) == c
+    assert copy.copy(c) == c == copy.deepcopy(c)
 
 
 def test_config_equality_and_hash() -> None:
@@ -541,7 +557,7 @@ def test_config_equality_and_hash() -> None:
 
 
 def test_every_directive_maps_to_a_field() -> None:
-    names = {f.name for f in dataclasses.fields(Config)}
+    names = set(Config.__slots__)
     for key, (field, _parser) in config._DIRECTIVES.items():
         assert field in names or key == "MASQUERADE"
 

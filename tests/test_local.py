@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import itertools
 import os
@@ -40,7 +39,7 @@ def mailspool(tmp_path: Path) -> Path:
 
 
 def cfg(mailspool: Path, fmt: str = "mbox") -> Config:
-    return dataclasses.replace(Config(), mailspool=str(mailspool), mailbox_format=fmt)
+    return Config().replace(mailspool=str(mailspool), mailbox_format=fmt)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from dma.queue import is_due, next_attempt, retry_until_done
 from dma.spool import RecipientState, Spool
 from smtpd import Behaviour, ScriptedServer
 
-CFG = dataclasses.replace(config_mod.Config(), retry_min=300.0, retry_max=10800.0)
+CFG = config_mod.Config().replace(retry_min=300.0, retry_max=10800.0)
 
 
 def deferred(attempts: int, last: float) -> RecipientState:

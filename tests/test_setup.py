@@ -11,7 +11,6 @@ import shutil
 import stat
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -370,7 +369,7 @@ def test_generated_config_lists_every_directive_and_means_the_defaults(tmp_path:
               if ln.startswith("#") and ln[1:2].isupper()}
     assert listed == config.DIRECTIVES
     loaded = config.load(str(path))
-    assert replace(loaded, path=None, mailname="localhost") == config.Config()
+    assert loaded.replace(path=None, mailname="localhost") == config.Config()
     # every value shown as a default is the default
     for d in DIRECTIVE_DOCS:
         if d.is_default:
@@ -378,7 +377,7 @@ def test_generated_config_lists_every_directive_and_means_the_defaults(tmp_path:
             assert line in text
             text = text.replace(line, line[1:])
     uncommented = config.parse(text, "dma.conf")
-    assert replace(uncommented, path=None, mailname="localhost") == config.Config()
+    assert uncommented.replace(path=None, mailname="localhost") == config.Config()
 
 
 def test_an_existing_config_is_never_overwritten(tmp_path: Path) -> None:

@@ -32,11 +32,12 @@ Whether a local user exists is not checked here: ``submit`` does that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-
 from dma.address import parse_mailbox, quote_local
 from dma.errors import AddressError, ConfigError, DataError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 DEFAULT_PATH = "/etc/aliases"
 MAX_DEPTH = 32
@@ -47,15 +48,46 @@ MAX_STEPS = 10000
 _UNSUPPORTED = {"pipe": "a program", "file": "a file", "include": "an :include: list"}
 
 
-@dataclass(frozen=True, slots=True)
 class Target:
-    """One destination of an alias, as written (quotes removed)."""
+    """One destination of an alias, as written (quotes removed).  Immutable, compared and
+    hashed by value."""
+
+    __slots__ = ("text", "kind", "line")
 
     text: str
     kind: str
     """``address`` (local name or address), ``user`` (``\\user``: a final local user),
     ``pipe``, ``file`` or ``include``."""
     line: int
+
+    def __init__(self, text: str, kind: str, line: int) -> None:
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "line", line)
+
+    def _key(self) -> tuple[str, str, int]:
+        return (self.text, self.kind, self.line)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Target) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(text={self.text!r}, kind={self.kind!r},"
+                f" line={self.line!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Target], tuple[str, str, int]]:
+        return (self.__class__, self._key())
 
 
 def _kind(dest: str) -> str:

@@ -4,15 +4,27 @@ as typed exceptions instead of exit codes."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, BinaryIO, Union
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from email.message import Message
+    from typing import BinaryIO
 
     from dma.config import Config
 
-MessageInput = Union["Message", bytes, bytearray, memoryview, BinaryIO]
+    MessageInput = Message | bytes | bytearray | memoryview | BinaryIO
+else:
+    def __getattr__(name: str) -> object:
+        # ``MessageInput`` at run time needs ``typing``, which ``import dma`` (and so every
+        # ``sendmail`` start) does not import.
+        if name == "MessageInput":
+            from typing import BinaryIO, Union
+
+            value = Union["Message", bytes, bytearray, memoryview, BinaryIO]
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_config(path: str | None = None) -> Config:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dma import __version__
 from dma.errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, DmaError, UsageError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from dma.config import Config
     from dma.log import Log
 
@@ -27,21 +27,58 @@ ADMIN_COMMANDS = ("queue", "setup", "--help", "-h")
 _FLAGS = set("DintUv")
 
 
-@dataclass
 class Options:
-    recipients: list[str] = field(default_factory=list)
-    mode: str = "send"
+    """The parsed command line.  A plain class rather than a dataclass (``dataclasses``
+    costs milliseconds of every start); equal by value, mutable."""
+
+    __slots__ = ("recipients", "mode", "queue_only", "foreground", "sender", "full_name",
+                 "from_headers", "dot_ends", "verbose", "config_path", "ident", "queue_ids")
+
+    recipients: list[str]
+    mode: str
     """send, list (-bp), queue-run (-q), newaliases (-bi)."""
-    queue_only: bool = False
-    foreground: bool = False
-    sender: str | None = None
-    full_name: str = ""
-    from_headers: bool = False
-    dot_ends: bool = True
-    verbose: bool = False
-    config_path: str | None = None
-    ident: str = "dma"
-    queue_ids: list[str] = field(default_factory=list)
+    queue_only: bool
+    foreground: bool
+    sender: str | None
+    full_name: str
+    from_headers: bool
+    dot_ends: bool
+    verbose: bool
+    config_path: str | None
+    ident: str
+    queue_ids: list[str]
+
+    def __init__(self, recipients: list[str] | None = None, mode: str = "send",
+                 queue_only: bool = False, foreground: bool = False, sender: str | None = None,
+                 full_name: str = "", from_headers: bool = False, dot_ends: bool = True,
+                 verbose: bool = False, config_path: str | None = None, ident: str = "dma",
+                 queue_ids: list[str] | None = None) -> None:
+        self.recipients = [] if recipients is None else recipients
+        self.mode = mode
+        self.queue_only = queue_only
+        self.foreground = foreground
+        self.sender = sender
+        self.full_name = full_name
+        self.from_headers = from_headers
+        self.dot_ends = dot_ends
+        self.verbose = verbose
+        self.config_path = config_path
+        self.ident = ident
+        self.queue_ids = [] if queue_ids is None else queue_ids
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple([getattr(self, name) for name in Options.__slots__])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Options) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
+
+    def __repr__(self) -> str:
+        fields = ", ".join([f"{name}={getattr(self, name)!r}" for name in Options.__slots__])
+        return f"{self.__class__.__qualname__}({fields})"
 
 
 def _getopt(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:

@@ -29,11 +29,13 @@ This module is on the ``sendmail`` start-up path: it imports nothing heavy.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
 
 from dma.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 DEFAULT_PATH = "/etc/dma/dma.conf"
 
@@ -45,59 +47,74 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
-@dataclass(frozen=True, init=False)
 class Config:
-    path: str | None = None
+    """The configuration: immutable (attributes are read-only), compared and hashed by
+    value; :meth:`replace` makes a changed copy.
+
+    A plain class rather than a dataclass: ``dataclasses`` costs milliseconds of every
+    ``sendmail`` start.  test_config checks that ``__init__`` matches the fields."""
+
+    __slots__ = (
+        "path", "smarthost", "port", "aliases", "spooldir", "authpath", "certfile",
+        "securetransfer", "starttls", "opportunistic_tls", "verifycert", "fingerprint",
+        "insecure", "defer", "fullbounce", "mailname", "masquerade_user", "masquerade_host",
+        "nullclient", "mailspool", "mailbox_format", "resolver", "cafile", "tls_noverify",
+        "mx_tls", "connect_timeout", "greeting_timeout", "mail_timeout", "rcpt_timeout",
+        "data_timeout", "datablock_timeout", "dot_timeout", "max_parallel", "retry_min",
+        "retry_max", "lifetime", "delay_warning", "logfile",
+    )
+
+    path: str | None
     """The file this was read from (None: defaults only, no file)."""
-    smarthost: str | None = None
-    port: int = 25
-    aliases: str = "/etc/aliases"
-    spooldir: str = "/var/spool/dma"
-    authpath: str | None = None
-    certfile: str | None = None
-    securetransfer: bool = False
-    starttls: bool = False
-    opportunistic_tls: bool = False
-    verifycert: bool = False
-    fingerprint: bytes | None = None
+    smarthost: str | None
+    port: int
+    aliases: str
+    spooldir: str
+    authpath: str | None
+    certfile: str | None
+    securetransfer: bool
+    starttls: bool
+    opportunistic_tls: bool
+    verifycert: bool
+    fingerprint: bytes | None
     """SHA-256 of the peer's leaf certificate (32 bytes)."""
-    insecure: bool = False
-    defer: bool = False
-    fullbounce: bool = False
-    mailname: str = "localhost"
+    insecure: bool
+    defer: bool
+    fullbounce: bool
+    mailname: str
     """Resolved host identity (MAILNAME literal, first line of a MAILNAME file, or hostname)."""
-    masquerade_user: str | None = None
-    masquerade_host: str | None = None
-    nullclient: bool = False
+    masquerade_user: str | None
+    masquerade_host: str | None
+    nullclient: bool
     # Extensions (not in C dma)
-    mailspool: str = "/var/mail"
-    mailbox_format: str = "mbox"
+    mailspool: str
+    mailbox_format: str
     """``mbox`` or ``maildir`` (MAILBOXFORMAT directive)."""
-    resolver: tuple[str, int] | None = None
+    resolver: tuple[str, int] | None
     """DNS server to ask (IP address, port) instead of /etc/resolv.conf (RESOLVER)."""
-    cafile: str | None = None
+    cafile: str | None
     """PEM bundle of CA certificates used instead of the system store (CAFILE)."""
-    tls_noverify: bool = False
+    tls_noverify: bool
     """Do not verify the smarthost's certificate (TLS_NOVERIFY); verified by default."""
-    mx_tls: str = "may"
+    mx_tls: str
     """TLS policy for direct MX delivery: ``none``, ``may``, ``encrypt`` or ``verify``."""
-    connect_timeout: float = 30.0
-    greeting_timeout: float = 300.0
-    mail_timeout: float = 300.0
-    rcpt_timeout: float = 300.0
-    data_timeout: float = 120.0
-    datablock_timeout: float = 180.0
-    dot_timeout: float = 600.0
-    max_parallel: int = 8
+    connect_timeout: float
+    greeting_timeout: float
+    mail_timeout: float
+    rcpt_timeout: float
+    data_timeout: float
+    datablock_timeout: float
+    dot_timeout: float
+    max_parallel: int
     """Most deliveries a queue run makes at the same time."""
-    retry_min: float = 300.0
+    retry_min: float
     """First retry interval in seconds; doubles up to ``retry_max``."""
-    retry_max: float = 10800.0
-    lifetime: float = 432000.0
+    retry_max: float
+    lifetime: float
     """Seconds after which an undeliverable message is bounced."""
-    delay_warning: float | None = None
+    delay_warning: float | None
     """Seconds after which the sender is told about a delay (None: never)."""
-    logfile: str | None = None
+    logfile: str | None
     """Log file used when there is no syslog (None: ``<SPOOLDIR>/dma.log``)."""
 
     def __init__(
@@ -141,9 +158,6 @@ class Config:
         delay_warning: float | None = None,
         logfile: str | None = None,
     ) -> None:
-        # Written out instead of generated by @dataclass: generating a 38-argument
-        # __init__ costs a millisecond at every sendmail start.  test_config checks
-        # that it matches the fields.
         _set = object.__setattr__
         _set(self, "path", path)
         _set(self, "smarthost", smarthost)
@@ -184,6 +198,37 @@ class Config:
         _set(self, "delay_warning", delay_warning)
         _set(self, "logfile", logfile)
 
+    def replace(self, **changes: Any) -> Config:
+        """A copy with the given fields changed (what ``dataclasses.replace`` did)."""
+        for name in Config.__slots__:
+            if name not in changes:
+                changes[name] = getattr(self, name)
+        return self.__class__(**changes)
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple([getattr(self, name) for name in Config.__slots__])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Config) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fields = ", ".join([f"{name}={getattr(self, name)!r}" for name in Config.__slots__])
+        return f"{self.__class__.__qualname__}({fields})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Config], tuple[object, ...]]:
+        return (self.__class__, self._key())
+
     @property
     def local_domains(self) -> frozenset[str]:
         """The domains that mean "this host", lower-case: the mail name, ``localhost``
@@ -194,6 +239,9 @@ class Config:
     def log_path(self) -> str:
         """Where log lines go when there is no syslog."""
         return self.logfile or os.path.join(self.spooldir, "dma.log")
+
+
+_DEFAULTS = Config()
 
 
 def _sanitise_hostname(name: str) -> str:
@@ -408,8 +456,8 @@ def parse(text: str, path: str = "dma.conf") -> Config:
     if values.get("verifycert") and values.get("tls_noverify"):
         raise ConfigError("TLS_NOVERIFY contradicts VERIFYCERT; remove one of them",
                           path, max(lines["VERIFYCERT"], lines["TLS_NOVERIFY"]))
-    retry_min = values.get("retry_min", Config.retry_min)
-    retry_max = values.get("retry_max", Config.retry_max)
+    retry_min = values.get("retry_min", _DEFAULTS.retry_min)
+    retry_max = values.get("retry_max", _DEFAULTS.retry_max)
     if retry_max < retry_min:
         which = "RETRY_MAX" if "RETRY_MAX" in lines else "RETRY_MIN"
         raise ConfigError(f"RETRY_MAX ({retry_max:g}s) is shorter than RETRY_MIN"
@@ -441,7 +489,7 @@ def load(path: str | None = None, env: Mapping[str, str] = os.environ) -> Config
     except FileNotFoundError as e:
         if explicit:
             raise ConfigError(f"cannot read: {e.strerror}", path) from None
-        return replace(Config(), mailname=resolve_mailname(None))
+        return Config(mailname=resolve_mailname(None))
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
     try:

@@ -15,17 +15,36 @@ Parsing is done by hand: ``email.parser`` costs ~20 ms of start-up on every ``se
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 _ADDRESS_FIELDS = (b"to", b"cc", b"bcc")
 
 
-@dataclass
+# The classes below are plain classes rather than dataclasses: ``dataclasses`` costs
+# milliseconds of every ``sendmail`` start.  They keep the dataclass behaviour (keyword
+# arguments, equality by value, repr; Identity is immutable).
+
+
 class Header:
+    __slots__ = ("name", "raw")
+
     name: bytes
     """As written (case kept)."""
     raw: bytes
     """The whole field including continuation lines and the final LF."""
+
+    def __init__(self, name: bytes, raw: bytes) -> None:
+        self.name = name
+        self.raw = raw
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Header) and other.__class__ is self.__class__:
+            return (self.name, self.raw) == (other.name, other.raw)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__qualname__}(name={self.name!r}, raw={self.raw!r})"
 
     @property
     def key(self) -> bytes:
@@ -39,12 +58,31 @@ class Header:
         return unfolded.decode("utf-8", "replace")
 
 
-@dataclass
 class Head:
-    headers: list[Header] = field(default_factory=list)
-    rest: bytes = b""
+    __slots__ = ("headers", "rest", "has_separator")
+
+    headers: list[Header]
+    rest: bytes
     """What follows the header section: the separating empty line and any body bytes."""
-    has_separator: bool = False
+    has_separator: bool
+
+    def __init__(self, headers: list[Header] | None = None, rest: bytes = b"",
+                 has_separator: bool = False) -> None:
+        self.headers = [] if headers is None else headers
+        self.rest = rest
+        self.has_separator = has_separator
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Head) and other.__class__ is self.__class__:
+            return ((self.headers, self.rest, self.has_separator)
+                    == (other.headers, other.rest, other.has_separator))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(headers={self.headers!r}, rest={self.rest!r},"
+                f" has_separator={self.has_separator!r})")
 
     def has(self, key: bytes) -> bool:
         return any(h.key == key for h in self.headers)
@@ -96,17 +134,53 @@ def parse_head(head: bytes) -> Head:
     return result
 
 
-@dataclass(frozen=True)
 class Identity:
     """Who submitted and how to name them in the headers we add."""
+
+    __slots__ = ("sender", "user", "uid", "full_name", "mailname", "version")
 
     sender: str
     """Envelope sender; "" for the null sender."""
     user: str
     uid: int
-    full_name: str = ""
-    mailname: str = "localhost"
-    version: str = ""
+    full_name: str
+    mailname: str
+    version: str
+
+    def __init__(self, sender: str, user: str, uid: int, full_name: str = "",
+                 mailname: str = "localhost", version: str = "") -> None:
+        _set = object.__setattr__
+        _set(self, "sender", sender)
+        _set(self, "user", user)
+        _set(self, "uid", uid)
+        _set(self, "full_name", full_name)
+        _set(self, "mailname", mailname)
+        _set(self, "version", version)
+
+    def _key(self) -> tuple[str, str, int, str, str, str]:
+        return (self.sender, self.user, self.uid, self.full_name, self.mailname, self.version)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Identity) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(sender={self.sender!r}, user={self.user!r},"
+                f" uid={self.uid!r}, full_name={self.full_name!r},"
+                f" mailname={self.mailname!r}, version={self.version!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Identity], tuple[str, str, int, str, str, str]]:
+        return (self.__class__, self._key())
 
 
 def _format_date(now: float) -> str:

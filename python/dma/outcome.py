@@ -2,19 +2,70 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
 
-Status = Literal["delivered", "deferred", "failed"]
+    Status = Literal["delivered", "deferred", "failed"]
 
 
-@dataclass(frozen=True)
 class Outcome:
+    """Immutable (attributes are read-only), compared and hashed by value."""
+
+    __slots__ = ("recipient", "status", "reply", "dsn", "relay")
+
     recipient: str
     status: Status
-    reply: str = ""
+    reply: str
     """What a person reads: the server's words or our reason."""
-    dsn: str = ""
+    dsn: str
     """Enhanced status code (RFC 3463), e.g. ``5.1.1``."""
-    relay: str = ""
+    relay: str
     """Where it went: ``host[ip]:port`` or ``mbox:/var/mail/root``."""
+
+    def __init__(self, recipient: str, status: Status, reply: str = "", dsn: str = "",
+                 relay: str = "") -> None:
+        _set = object.__setattr__
+        _set(self, "recipient", recipient)
+        _set(self, "status", status)
+        _set(self, "reply", reply)
+        _set(self, "dsn", dsn)
+        _set(self, "relay", relay)
+
+    def _key(self) -> tuple[str, str, str, str, str]:
+        return (self.recipient, self.status, self.reply, self.dsn, self.relay)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Outcome) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(recipient={self.recipient!r},"
+                f" status={self.status!r}, reply={self.reply!r}, dsn={self.dsn!r},"
+                f" relay={self.relay!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Outcome], tuple[str, str, str, str, str]]:
+        return (self.__class__, self._key())
+
+
+if not TYPE_CHECKING:
+    def __getattr__(name: str) -> object:
+        # ``Status`` for code that imports it at run time (queue, local, smtp): a Literal
+        # needs ``typing``, which the ``sendmail`` start-up path does not import.
+        if name == "Status":
+            from typing import Literal
+
+            status = Literal["delivered", "deferred", "failed"]
+            globals()["Status"] = status
+            return status
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

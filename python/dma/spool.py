@@ -20,24 +20,60 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from dma import _core
 from dma.errors import SpoolCorrupt, SpoolError, SpoolFullError
-from dma.outcome import Outcome
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from dma.outcome import Outcome
 
 ENVELOPE_VERSION = 1
 DEBRIS_AGE = 86400.0
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-@dataclass(frozen=True)
+# ``json`` is imported where it is read (mailq, delivery): its import costs milliseconds of
+# every ``sendmail`` start, and the envelope, the one JSON document written on that path,
+# is encoded by hand (``_json_str``, byte for byte what ``json.dumps`` gives).
+# The classes are plain classes rather than dataclasses for the same reason; they keep the
+# dataclass behaviour (keyword arguments, equality by value, repr; Envelope is immutable).
+
+_JSON_ESCAPES = {i: f"\\u{i:04x}" for i in range(0x20)}
+_JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\b"): "\\b",
+                      ord("\f"): "\\f", ord("\n"): "\\n", ord("\r"): "\\r",
+                      ord("\t"): "\\t"})
+_INF = float("inf")
+
+
+def _json_str(text: str) -> str:
+    """``json.dumps(text, ensure_ascii=False)``."""
+    return '"' + text.translate(_JSON_ESCAPES) + '"'
+
+
+def _json_number(value: float) -> str:
+    """``json.dumps(value)`` for an int, a bool or a float."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if value != value:
+        return "NaN"
+    if value in (_INF, -_INF):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float.__repr__(value)
+
+
 class Envelope:
+    __slots__ = ("id", "sender", "recipients", "created", "uid", "user", "size", "eight_bit",
+                 "notice")
+
     id: str
     sender: str
     """The envelope sender; "" is the null sender of bounces."""
@@ -46,23 +82,73 @@ class Envelope:
     created: float
     uid: int
     user: str
-    size: int = 0
-    eight_bit: bool = False
-    notice: str = ""
+    size: int
+    eight_bit: bool
+    notice: str
     """"bounce" or "postmaster" for delivery notices dma generated itself."""
 
+    def __init__(self, id: str, sender: str, recipients: tuple[str, ...], created: float,
+                 uid: int, user: str, size: int = 0, eight_bit: bool = False,
+                 notice: str = "") -> None:
+        _set = object.__setattr__
+        _set(self, "id", id)
+        _set(self, "sender", sender)
+        _set(self, "recipients", recipients)
+        _set(self, "created", created)
+        _set(self, "uid", uid)
+        _set(self, "user", user)
+        _set(self, "size", size)
+        _set(self, "eight_bit", eight_bit)
+        _set(self, "notice", notice)
+
+    def _key(self) -> tuple[str, str, tuple[str, ...], float, int, str, int, bool, str]:
+        return (self.id, self.sender, self.recipients, self.created, self.uid, self.user,
+                self.size, self.eight_bit, self.notice)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Envelope) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(id={self.id!r}, sender={self.sender!r},"
+                f" recipients={self.recipients!r}, created={self.created!r},"
+                f" uid={self.uid!r}, user={self.user!r}, size={self.size!r},"
+                f" eight_bit={self.eight_bit!r}, notice={self.notice!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Envelope], tuple[
+            str, str, tuple[str, ...], float, int, str, int, bool, str]]:
+        return (self.__class__, self._key())
+
     def to_bytes(self) -> bytes:
-        doc = {
-            "v": ENVELOPE_VERSION, "id": self.id, "sender": self.sender,
-            "recipients": list(self.recipients), "created": self.created,
-            "uid": self.uid, "user": self.user, "size": self.size, "8bit": self.eight_bit,
-        }
+        # json.dumps({"v": ENVELOPE_VERSION, "id": ..., "8bit": ...[, "notice": ...]},
+        #            ensure_ascii=False, separators=(",", ":")), without importing json.
+        parts = [
+            '{"v":', _json_number(ENVELOPE_VERSION), ',"id":', _json_str(self.id),
+            ',"sender":', _json_str(self.sender),
+            ',"recipients":[', ",".join([_json_str(r) for r in self.recipients]),
+            '],"created":', _json_number(self.created), ',"uid":', _json_number(self.uid),
+            ',"user":', _json_str(self.user), ',"size":', _json_number(self.size),
+            ',"8bit":', _json_number(self.eight_bit),
+        ]
         if self.notice:
-            doc["notice"] = self.notice
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+            parts += [',"notice":', _json_str(self.notice)]
+        parts.append("}")
+        return "".join(parts).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, path: str) -> Envelope:
+        import json
+
         try:
             doc = json.loads(data)
             if doc.get("v") != ENVELOPE_VERSION:
@@ -78,30 +164,88 @@ class Envelope:
             raise SpoolCorrupt(f"{path}: unreadable envelope ({e})") from None
 
 
-@dataclass
 class RecipientState:
+    __slots__ = ("recipient", "status", "attempts", "reply", "dsn", "relay", "last_attempt")
+
     recipient: str
-    status: str = "pending"
+    status: str
     """pending, delivered, deferred or failed."""
-    attempts: int = 0
-    reply: str = ""
-    dsn: str = ""
-    relay: str = ""
-    last_attempt: float | None = None
+    attempts: int
+    reply: str
+    dsn: str
+    relay: str
+    last_attempt: float | None
+
+    def __init__(self, recipient: str, status: str = "pending", attempts: int = 0,
+                 reply: str = "", dsn: str = "", relay: str = "",
+                 last_attempt: float | None = None) -> None:
+        self.recipient = recipient
+        self.status = status
+        self.attempts = attempts
+        self.reply = reply
+        self.dsn = dsn
+        self.relay = relay
+        self.last_attempt = last_attempt
+
+    def _key(self) -> tuple[str, str, int, str, str, str, float | None]:
+        return (self.recipient, self.status, self.attempts, self.reply, self.dsn, self.relay,
+                self.last_attempt)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecipientState) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(recipient={self.recipient!r},"
+                f" status={self.status!r}, attempts={self.attempts!r}, reply={self.reply!r},"
+                f" dsn={self.dsn!r}, relay={self.relay!r},"
+                f" last_attempt={self.last_attempt!r})")
 
 
-@dataclass
 class QueueEntry:
     """What ``mailq`` shows of one message; read without locks."""
+
+    __slots__ = ("id", "envelope", "size", "mtime", "states", "error", "held")
 
     id: str
     envelope: Envelope | None
     size: int
     mtime: float
-    states: dict[str, RecipientState] = field(default_factory=dict)
-    error: str = ""
+    states: dict[str, RecipientState]
+    error: str
     """Set when the queue file could not be read (corrupt, vanished)."""
-    held: bool = False
+    held: bool
+
+    def __init__(self, id: str, envelope: Envelope | None, size: int, mtime: float,
+                 states: dict[str, RecipientState] | None = None, error: str = "",
+                 held: bool = False) -> None:
+        self.id = id
+        self.envelope = envelope
+        self.size = size
+        self.mtime = mtime
+        self.states = {} if states is None else states
+        self.error = error
+        self.held = held
+
+    def _key(self) -> tuple[str, Envelope | None, int, float, dict[str, RecipientState], str,
+                            bool]:
+        return (self.id, self.envelope, self.size, self.mtime, self.states, self.error,
+                self.held)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, QueueEntry) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(id={self.id!r}, envelope={self.envelope!r},"
+                f" size={self.size!r}, mtime={self.mtime!r}, states={self.states!r},"
+                f" error={self.error!r}, held={self.held!r})")
 
 
 def new_id(now: float | None = None) -> str:
@@ -215,6 +359,8 @@ class Spool:
 
     def states(self, envelope: Envelope) -> dict[str, RecipientState]:
         """Each recipient's latest state from the journal (pending when it has no line)."""
+        import json
+
         states = {r: RecipientState(r) for r in envelope.recipients}
         try:
             with open(os.path.join(self.journal_dir, envelope.id), "rb") as f:
@@ -247,6 +393,8 @@ class Spool:
 
     def events(self, qid: str) -> set[str]:
         """Message-level events recorded in the journal (e.g. ``delay-warning`` sent)."""
+        import json
+
         found: set[str] = set()
         try:
             with open(os.path.join(self.journal_dir, qid), "rb") as f:
@@ -263,6 +411,8 @@ class Spool:
         self._append(qid, {"t": time.time() if now is None else now, "event": event})
 
     def _append(self, qid: str, doc: dict[str, object]) -> None:
+        import json
+
         line = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         fd = os.open(os.path.join(self.journal_dir, qid),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -271,29 +421,10 @@ class Spool:
         finally:
             os.close(fd)
 
-    @contextmanager
-    def locked(self, qid: str, *, held: bool = False
-               ) -> Iterator[tuple[_core.MessageFile, Envelope] | None]:
-        """Claim a message for delivery: yields it, or None when another runner holds it
-        (or it vanished because that runner finished it)."""
-        try:
-            msg, env = self.open(qid, held=held)
-        except FileNotFoundError:
-            yield None
-            return
-        try:
-            try:
-                fcntl.flock(msg.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield None
-                return
-            # The message may have been finished, removed or moved while we took the lock.
-            if not os.path.exists(msg.path):
-                yield None
-                return
-            yield msg, env
-        finally:
-            msg.close()
+    def locked(self, qid: str, *, held: bool = False) -> _Claim:
+        """Claim a message for delivery: a context manager that gives it, or None when
+        another runner holds it (or it vanished because that runner finished it)."""
+        return _Claim(self, qid, held)
 
     def move(self, qid: str, *, to_hold: bool) -> None:
         """Hold or release a message (a rename; the caller holds its lock)."""
@@ -364,6 +495,44 @@ class Spool:
         size = msg.size
         msg.close()
         return QueueEntry(qid, env, size, st.st_mtime, self.states(env), held=held)
+
+
+class _Claim:
+    """What :meth:`Spool.locked` returns (a class, not ``contextlib.contextmanager``, whose
+    import costs a millisecond or two of every ``sendmail`` start)."""
+
+    __slots__ = ("_spool", "_qid", "_held", "_msg")
+
+    def __init__(self, spool: Spool, qid: str, held: bool) -> None:
+        self._spool = spool
+        self._qid = qid
+        self._held = held
+        self._msg: _core.MessageFile | None = None
+
+    def __enter__(self) -> tuple[_core.MessageFile, Envelope] | None:
+        try:
+            msg, env = self._spool.open(self._qid, held=self._held)
+        except FileNotFoundError:
+            return None
+        self._msg = msg
+        try:
+            fcntl.flock(msg.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        except BaseException:
+            self._msg = None
+            msg.close()
+            raise
+        # The message may have been finished, removed or moved while we took the lock.
+        if not os.path.exists(msg.path):
+            return None
+        return msg, env
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        msg, self._msg = self._msg, None
+        if msg is not None:
+            msg.close()
 
 
 def _writer_alive(path: str) -> bool:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import pwd
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from dma import __version__, message
 from dma.address import Address, parse_header_addresses, parse_mailbox
@@ -21,34 +19,112 @@ from dma.config import Config
 from dma.errors import AddressError, NoRecipientsError, UnknownUserError
 from dma.spool import Envelope, Spool, spool_error
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
 HEAD_LIMIT = 1 << 20
 
+# Request, DropRequest and Submitter are plain classes rather than dataclasses (whose import
+# costs milliseconds of every ``sendmail`` start); they keep the frozen dataclass behaviour:
+# keyword arguments, read-only attributes, equality and hash by value, repr.
 
-@dataclass(frozen=True)
+
 class Request:
     """What the caller asked for (sendmail flags or ``dma.send`` arguments)."""
 
-    recipients: Sequence[str] = ()
-    sender: str | None = None
+    __slots__ = ("recipients", "sender", "full_name", "from_headers", "dot_ends")
+
+    recipients: Sequence[str]
+    sender: str | None
     """``-f``/``-r``; None means the default (``$EMAIL`` or the submitting user)."""
-    full_name: str = ""
+    full_name: str
     """``-F``: used when dma has to add a ``From:`` header."""
-    from_headers: bool = False
+    from_headers: bool
     """``-t``: also take recipients from To/Cc/Bcc."""
-    dot_ends: bool = True
+    dot_ends: bool
     """False with ``-i``/``-oi``: a lone ``.`` line is message text."""
 
+    def __init__(self, recipients: Sequence[str] = (), sender: str | None = None,
+                 full_name: str = "", from_headers: bool = False, dot_ends: bool = True) -> None:
+        _set = object.__setattr__
+        _set(self, "recipients", recipients)
+        _set(self, "sender", sender)
+        _set(self, "full_name", full_name)
+        _set(self, "from_headers", from_headers)
+        _set(self, "dot_ends", dot_ends)
 
-@dataclass(frozen=True)
+    def _key(self) -> tuple[Sequence[str], str | None, str, bool, bool]:
+        return (self.recipients, self.sender, self.full_name, self.from_headers, self.dot_ends)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Request) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(recipients={self.recipients!r},"
+                f" sender={self.sender!r}, full_name={self.full_name!r},"
+                f" from_headers={self.from_headers!r}, dot_ends={self.dot_ends!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Request], tuple[Sequence[str], str | None, str, bool,
+                                                       bool]]:
+        return (self.__class__, self._key())
+
+
 class DropRequest:
     """What an unprivileged submitter asked for, stored with its dropped message.  Nothing
     in it is trusted beyond what the submitter could ask of ``sendmail`` directly; who
     submitted is the dropped file's owner."""
 
+    __slots__ = ("recipients", "sender", "full_name", "from_headers")
+
     recipients: tuple[str, ...]
     sender: str
-    full_name: str = ""
-    from_headers: bool = False
+    full_name: str
+    from_headers: bool
+
+    def __init__(self, recipients: tuple[str, ...], sender: str, full_name: str = "",
+                 from_headers: bool = False) -> None:
+        _set = object.__setattr__
+        _set(self, "recipients", recipients)
+        _set(self, "sender", sender)
+        _set(self, "full_name", full_name)
+        _set(self, "from_headers", from_headers)
+
+    def _key(self) -> tuple[tuple[str, ...], str, str, bool]:
+        return (self.recipients, self.sender, self.full_name, self.from_headers)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DropRequest) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(recipients={self.recipients!r},"
+                f" sender={self.sender!r}, full_name={self.full_name!r},"
+                f" from_headers={self.from_headers!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[DropRequest], tuple[tuple[str, ...], str, str, bool]]:
+        return (self.__class__, self._key())
 
     def to_bytes(self) -> bytes:
         import json
@@ -71,13 +147,44 @@ class DropRequest:
                    bool(doc.get("from_headers", False)))
 
 
-@dataclass(frozen=True)
 class Submitter:
     """The local identity of the caller, from the real uid (never from a header)."""
 
+    __slots__ = ("user", "uid", "gecos")
+
     user: str
     uid: int
-    gecos: str = ""
+    gecos: str
+
+    def __init__(self, user: str, uid: int, gecos: str = "") -> None:
+        _set = object.__setattr__
+        _set(self, "user", user)
+        _set(self, "uid", uid)
+        _set(self, "gecos", gecos)
+
+    def _key(self) -> tuple[str, int, str]:
+        return (self.user, self.uid, self.gecos)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Submitter) and other.__class__ is self.__class__:
+            return self._key() == other._key()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(user={self.user!r}, uid={self.uid!r},"
+                f" gecos={self.gecos!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Submitter], tuple[str, int, str]]:
+        return (self.__class__, self._key())
 
     @classmethod
     def current(cls, env: Mapping[str, str] = os.environ) -> Submitter:
