@@ -22,7 +22,7 @@ rust-test:
 	cargo clippy --quiet --all-targets -- -D warnings
 
 lint:
-	$(PYTHON) -m ruff check python tests
+	$(PYTHON) -m ruff check python tests benches
 	cargo fmt --check
 
 typecheck:
