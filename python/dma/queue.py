@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,6 +99,8 @@ def deliver_message(spool: Spool, qid: str, config: Config, log: Log,
             # The common case (one smarthost): no thread to start for a single destination.
             done(_remote(msg, env, plan.remote[0], config, log, pool))
         elif plan.remote:
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
             workers = max(1, min(config.max_parallel, len(plan.remote)))
             with ThreadPoolExecutor(workers) as workers_pool:
                 futures = [workers_pool.submit(_remote, msg, env, d, config, log, pool)
