@@ -353,3 +353,12 @@ def test_full_spool_when_bouncing_keeps_the_original(site: DmaSite, tiny_spool: 
     assert site.run("-q").returncode == 0
     assert site.queue_ids() == []
     assert b"Undelivered Mail Returned to Sender" in site.mailbox("root").read_bytes()
+
+
+def test_unexpected_os_error_is_one_line(site: DmaSite) -> None:
+    not_a_dir = site.root / "spool-is-a-file"
+    not_a_dir.write_text("x")
+    site.write_conf(f"SPOOLDIR {not_a_dir}\n")
+    r = site.run(prog="mailq")
+    assert r.returncode == 71, r.stderr
+    assert_one_line(r.stderr, b"Not a directory")

@@ -13,7 +13,15 @@ import os
 import sys
 
 from dma import __version__
-from dma.errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, DmaError, UsageError
+from dma.errors import (
+    EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    DmaError,
+    UsageError,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -228,6 +236,12 @@ def _main(argv: Sequence[str]) -> int:
         return _fail(e)
     except KeyboardInterrupt:
         return EX_TEMPFAIL
+    except OSError as e:
+        sys.stderr.write(f"dma: {e}\n")
+        return EX_OSERR
+    except Exception as e:  # noqa: BLE001 - one line for the caller, never a traceback
+        sys.stderr.write(f"dma: internal error: {type(e).__name__}: {e}\n")
+        return EX_SOFTWARE
 
 
 def _run(o: Options) -> int:
