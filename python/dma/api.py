@@ -3,8 +3,6 @@ as typed exceptions instead of exit codes."""
 
 from __future__ import annotations
 
-import os
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -34,21 +32,6 @@ def load_config(path: str | None = None) -> Config:
     return config.load(path)
 
 
-def _feed(source: bytes | BinaryIO, wfd: int) -> None:
-    """Write ``source`` into a pipe; a reader that stopped early just ends the copy."""
-    try:
-        with os.fdopen(wfd, "wb", buffering=0) as w:
-            if isinstance(source, bytes):
-                view = memoryview(source)
-                while view:
-                    view = view[w.write(view[: 1 << 20]) or 0:]
-            else:
-                while chunk := source.read(1 << 20):
-                    w.write(chunk)
-    except (BrokenPipeError, OSError):
-        pass
-
-
 def send(message: MessageInput, recipients: Iterable[str] | None = None,
          sender: str | None = None, config: Config | str | None = None, *,
          full_name: str = "", deliver: bool = True) -> str:
@@ -62,7 +45,7 @@ def send(message: MessageInput, recipients: Iterable[str] | None = None,
     first delivery attempt starts in a separate process unless the configuration says DEFER.
     """
     from dma.config import Config
-    from dma.submit import Request, submit
+    from dma.submit import Request, submit, submit_chunks
 
     cfg = config if isinstance(config, Config) else load_config(config)
     request = Request(recipients=tuple(recipients or ()), sender=sender, full_name=full_name,
@@ -82,17 +65,11 @@ def send(message: MessageInput, recipients: Iterable[str] | None = None,
             fileno = None
     if fileno is not None:
         qid = submit(fileno, request, cfg)
+    elif isinstance(data, bytes):
+        qid = submit_chunks((data,), request, cfg)
     else:
-        import threading
-
-        rfd, wfd = os.pipe()
-        feeder = threading.Thread(target=_feed, args=(data, wfd), daemon=True)
-        feeder.start()
-        try:
-            qid = submit(rfd, request, cfg)
-        finally:
-            os.close(rfd)
-            feeder.join()
+        source = data
+        qid = submit_chunks(iter(lambda: source.read(1 << 20), b""), request, cfg)
     if deliver and not cfg.defer:
         _start_delivery(qid, cfg, config)
     return qid

@@ -10,7 +10,6 @@ of that is only logged.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -131,25 +130,10 @@ def send(env: Envelope, msg: _core.MessageFile, states: Sequence[RecipientState]
 
 def _submit(env: Envelope, msg: _core.MessageFile, states: Sequence[RecipientState],
             config: Config, rcpt: str, notice: str, delayed: bool) -> str:
-    from dma.submit import Request, Submitter, submit
+    from dma.submit import Request, Submitter, submit_chunks
 
     request = Request(recipients=(rcpt,), sender="<>", dot_ends=False)
-    rfd, wfd = os.pipe()
-
-    def feed() -> None:
-        try:
-            with os.fdopen(wfd, "wb", buffering=0) as w:
-                for chunk in render(env, msg, states, config, delayed=delayed,
-                                   notice_to_postmaster=notice == NOTICE_POSTMASTER):
-                    w.write(chunk)
-        except OSError:
-            pass  # the reader gave up; submit() reports why
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    try:
-        return submit(rfd, request, config, notice=notice,
-                      submitter=Submitter("MAILER-DAEMON", os.getuid()))
-    finally:
-        os.close(rfd)
-        feeder.join()
+    report = render(env, msg, states, config, delayed=delayed,
+                    notice_to_postmaster=notice == NOTICE_POSTMASTER)
+    return submit_chunks(report, request, config, notice=notice,
+                         submitter=Submitter("MAILER-DAEMON", os.getuid()))

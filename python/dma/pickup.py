@@ -14,14 +14,13 @@ import fcntl
 import os
 import pwd
 import stat
-import threading
 
 from dma import _core
 from dma.config import Config
 from dma.errors import DmaError, SpoolCorrupt
 from dma.log import Log
 from dma.spool import Spool
-from dma.submit import DropRequest, Request, Submitter, submit
+from dma.submit import DropRequest, Request, Submitter, submit_chunks
 
 
 def _submitter(uid: int) -> Submitter:
@@ -44,23 +43,7 @@ def _locked_by_writer(fd: int) -> bool:
 def _resubmit(msg: _core.MessageFile, req: DropRequest, who: Submitter, config: Config) -> str:
     request = Request(recipients=req.recipients, sender=req.sender, full_name=req.full_name,
                       from_headers=req.from_headers, dot_ends=False)
-    rfd, wfd = os.pipe()
-
-    def feed() -> None:
-        try:
-            with os.fdopen(wfd, "wb", buffering=0) as w:
-                for chunk in msg.cursor("raw"):
-                    w.write(chunk)
-        except OSError:
-            pass  # submit() stopped reading and says why
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    try:
-        return submit(rfd, request, config, submitter=who, env={})
-    finally:
-        os.close(rfd)
-        feeder.join()
+    return submit_chunks(msg.cursor("raw"), request, config, submitter=who, env={})
 
 
 def pickup(spool: Spool, config: Config, log: Log) -> list[str]:

@@ -21,7 +21,7 @@ from dma.spool import Envelope, Spool, spool_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
 HEAD_LIMIT = 1 << 20
 
@@ -366,3 +366,34 @@ def submit(fd: int, request: Request, config: Config, *, submitter: Submitter | 
             raise spool_error(e, "cannot write the message to the spool") from None
         raise
     return qid
+
+
+def submit_chunks(chunks: Iterable[bytes], request: Request, config: Config, *,
+                  submitter: Submitter | None = None, env: Mapping[str, str] | None = None,
+                  notice: str = "") -> str:
+    """:func:`submit` for a message that is not on a file descriptor (bytes, a generated
+    report, another spool file): the chunks are streamed through a pipe by a thread, never
+    joined in memory.  A submission that stops reading early simply ends the copy."""
+    import threading
+
+    rfd, wfd = os.pipe()
+
+    def feed() -> None:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(wfd, view[: 1 << 20]):]
+        except OSError:
+            pass  # the reader gave up; submit() says why
+        finally:
+            os.close(wfd)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        return submit(rfd, request, config, submitter=submitter,
+                      env=os.environ if env is None else env, notice=notice)
+    finally:
+        os.close(rfd)
+        feeder.join()
