@@ -73,8 +73,10 @@ def test_long_lines_kept_exact_with_chunking(site: DmaSite) -> None:
     assert t.data.endswith(b"\r\n\r\n" + body.replace(b"\n", b"\r\n"))
 
 
-def test_mx_delivery_to_several_domains(site: DmaSite) -> None:
-    domains = [f"d{i}.test" for i in range(5)]
+@pytest.mark.parametrize("ndomains,per_domain", [(2, 1), (5, 2), (10, 5)],
+                         ids=["2-rcpts", "10-rcpts", "50-rcpts"])
+def test_mx_delivery_to_several_domains(site: DmaSite, ndomains: int, per_domain: int) -> None:
+    domains = [f"d{i}.test" for i in range(ndomains)]
     servers = [ScriptedServer(Behaviour(), host=f"127.0.0.{i + 2}", port=25).start()
                for i in range(len(domains))]
     try:
@@ -82,13 +84,13 @@ def test_mx_delivery_to_several_domains(site: DmaSite) -> None:
         hosts = {f"mx.{d}": [f"127.0.0.{i + 2}"] for i, d in enumerate(domains)}
         with DnsServer(mx=mx, hosts=hosts) as dns:
             site.write_conf(f"RESOLVER {dns.resolver[0]}:{dns.resolver[1]}\n")
-            rcpts = [f"u{j}@{d}" for d in domains for j in range(2)]
+            rcpts = [f"u{j}@{d}" for d in domains for j in range(per_domain)]
             body = seed_body(20)
             r = site.run("-D", "-f", "root@mail.test", *rcpts, input=b"Subject: mx\n\n" + body)
             assert r.returncode == 0, r.stderr
         for d, server in zip(domains, servers, strict=True):
             (t,) = server.transactions
-            assert sorted(t.rcpts) == [f"u0@{d}", f"u1@{d}"]
+            assert sorted(t.rcpts) == sorted(f"u{j}@{d}" for j in range(per_domain))
             assert body_received(t) == body
     finally:
         for s in servers:
