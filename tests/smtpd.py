@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import hmac
 import socket
 import socketserver
@@ -489,7 +490,17 @@ class ScriptedServer(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         self.live: set[socket.socket] = set()
         self.stopping = threading.Event()
-        super().__init__((host, port), _Handler)
+        # A fixed port (25 for MX tests) may still be held for a moment by the sockets of a
+        # server that just stopped: retry the bind briefly instead of failing the test.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                super().__init__((host, port), _Handler)
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or not port or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         self.host = host
         self.port: int = self.server_address[1]
         self._thread: threading.Thread | None = None

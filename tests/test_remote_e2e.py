@@ -77,11 +77,12 @@ def test_long_lines_kept_exact_with_chunking(site: DmaSite) -> None:
                          ids=["2-rcpts", "10-rcpts", "50-rcpts"])
 def test_mx_delivery_to_several_domains(site: DmaSite, ndomains: int, per_domain: int) -> None:
     domains = [f"d{i}.test" for i in range(ndomains)]
-    servers = [ScriptedServer(Behaviour(), host=f"127.0.0.{i + 2}", port=25).start()
+    first = {2: 2, 5: 12, 10: 22}[ndomains]  # distinct addresses for each case
+    servers = [ScriptedServer(Behaviour(), host=f"127.0.0.{first + i}", port=25).start()
                for i in range(len(domains))]
     try:
         mx = {d: [(10, f"mx.{d}")] for d in domains}
-        hosts = {f"mx.{d}": [f"127.0.0.{i + 2}"] for i, d in enumerate(domains)}
+        hosts = {f"mx.{d}": [f"127.0.0.{first + i}"] for i, d in enumerate(domains)}
         with DnsServer(mx=mx, hosts=hosts) as dns:
             site.write_conf(f"RESOLVER {dns.resolver[0]}:{dns.resolver[1]}\n")
             rcpts = [f"u{j}@{d}" for d in domains for j in range(per_domain)]
