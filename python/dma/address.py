@@ -13,6 +13,7 @@ address literals and the ``idna`` codec only for non-ASCII domains.
 from __future__ import annotations
 
 from dma.errors import AddressError
+from dma.record import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ _LDH = frozenset(_ALNUM + "-")
 _IDEOGRAPHIC_DOTS = ("\u3002", "\uff0e", "\uff61")  # treated as "." (RFC 3490 3.1)
 
 
-class Address:
+class Address(Frozen):
     """A mailbox: ``local`` is the local part unquoted (``john doe`` for
     ``"john doe"@example.org``); ``domain`` is None for a bare local user name, else the
     domain as given (``Bücher.example``) or an address literal with its brackets
@@ -48,26 +49,6 @@ class Address:
     def __init__(self, local: str, domain: str | None = None) -> None:
         object.__setattr__(self, "local", local)
         object.__setattr__(self, "domain", domain)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Address) and other.__class__ is self.__class__:
-            return self.local == other.local and self.domain == other.domain
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.local, self.domain))
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__qualname__}(local={self.local!r}, domain={self.domain!r})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Address], tuple[str, str | None]]:
-        return (self.__class__, (self.local, self.domain))
 
     def __str__(self) -> str:
         local = quote_local(self.local)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dma.address import parse_mailbox, quote_local
 from dma.errors import AddressError, ConfigError, DataError
+from dma.record import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ MAX_STEPS = 10000
 _UNSUPPORTED = {"pipe": "a program", "file": "a file", "include": "an :include: list"}
 
 
-class Target:
+class Target(Frozen):
     """One destination of an alias, as written (quotes removed).  Immutable, compared and
     hashed by value."""
 
@@ -64,30 +65,6 @@ class Target:
         object.__setattr__(self, "text", text)
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "line", line)
-
-    def _key(self) -> tuple[str, str, int]:
-        return (self.text, self.kind, self.line)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Target) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(text={self.text!r}, kind={self.kind!r},"
-                f" line={self.line!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Target], tuple[str, str, int]]:
-        return (self.__class__, self._key())
 
 
 def _kind(dest: str) -> str:

@@ -22,6 +22,7 @@ from dma.errors import (
     DmaError,
     UsageError,
 )
+from dma.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ ADMIN_COMMANDS = ("queue", "setup", "--help", "-h")
 _FLAGS = set("DintUv")
 
 
-class Options:
+class Options(Record):
     """The parsed command line.  A plain class rather than a dataclass (``dataclasses``
     costs milliseconds of every start); equal by value, mutable."""
 
@@ -73,20 +74,6 @@ class Options:
         self.config_path = config_path
         self.ident = ident
         self.queue_ids = [] if queue_ids is None else queue_ids
-
-    def _key(self) -> tuple[object, ...]:
-        return tuple([getattr(self, name) for name in Options.__slots__])
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Options) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
-
-    def __repr__(self) -> str:
-        fields = ", ".join([f"{name}={getattr(self, name)!r}" for name in Options.__slots__])
-        return f"{self.__class__.__qualname__}({fields})"
 
 
 def _getopt(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 
 from dma.errors import ConfigError
+from dma.record import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
-class Config:
+class Config(Frozen):
     """The configuration: immutable (attributes are read-only), compared and hashed by
     value; :meth:`replace` makes a changed copy.
 
@@ -204,30 +205,6 @@ class Config:
             if name not in changes:
                 changes[name] = getattr(self, name)
         return self.__class__(**changes)
-
-    def _key(self) -> tuple[object, ...]:
-        return tuple([getattr(self, name) for name in Config.__slots__])
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Config) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        fields = ", ".join([f"{name}={getattr(self, name)!r}" for name in Config.__slots__])
-        return f"{self.__class__.__qualname__}({fields})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Config], tuple[object, ...]]:
-        return (self.__class__, self._key())
 
     @property
     def local_domains(self) -> frozenset[str]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import time
 
+from dma.record import Frozen, Record
+
 _ADDRESS_FIELDS = (b"to", b"cc", b"bcc")
 
 
@@ -24,7 +26,7 @@ _ADDRESS_FIELDS = (b"to", b"cc", b"bcc")
 # arguments, equality by value, repr; Identity is immutable).
 
 
-class Header:
+class Header(Record):
     __slots__ = ("name", "raw")
 
     name: bytes
@@ -35,16 +37,6 @@ class Header:
     def __init__(self, name: bytes, raw: bytes) -> None:
         self.name = name
         self.raw = raw
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Header) and other.__class__ is self.__class__:
-            return (self.name, self.raw) == (other.name, other.raw)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__qualname__}(name={self.name!r}, raw={self.raw!r})"
 
     @property
     def key(self) -> bytes:
@@ -58,7 +50,7 @@ class Header:
         return unfolded.decode("utf-8", "replace")
 
 
-class Head:
+class Head(Record):
     __slots__ = ("headers", "rest", "has_separator")
 
     headers: list[Header]
@@ -71,18 +63,6 @@ class Head:
         self.headers = [] if headers is None else headers
         self.rest = rest
         self.has_separator = has_separator
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Head) and other.__class__ is self.__class__:
-            return ((self.headers, self.rest, self.has_separator)
-                    == (other.headers, other.rest, other.has_separator))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(headers={self.headers!r}, rest={self.rest!r},"
-                f" has_separator={self.has_separator!r})")
 
     def has(self, key: bytes) -> bool:
         return any(h.key == key for h in self.headers)
@@ -134,7 +114,7 @@ def parse_head(head: bytes) -> Head:
     return result
 
 
-class Identity:
+class Identity(Frozen):
     """Who submitted and how to name them in the headers we add."""
 
     __slots__ = ("sender", "user", "uid", "full_name", "mailname", "version")
@@ -156,31 +136,6 @@ class Identity:
         _set(self, "full_name", full_name)
         _set(self, "mailname", mailname)
         _set(self, "version", version)
-
-    def _key(self) -> tuple[str, str, int, str, str, str]:
-        return (self.sender, self.user, self.uid, self.full_name, self.mailname, self.version)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Identity) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(sender={self.sender!r}, user={self.user!r},"
-                f" uid={self.uid!r}, full_name={self.full_name!r},"
-                f" mailname={self.mailname!r}, version={self.version!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Identity], tuple[str, str, int, str, str, str]]:
-        return (self.__class__, self._key())
 
 
 def _format_date(now: float) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dma.record import Frozen
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Literal
@@ -9,7 +11,7 @@ if TYPE_CHECKING:
     Status = Literal["delivered", "deferred", "failed"]
 
 
-class Outcome:
+class Outcome(Frozen):
     """Immutable (attributes are read-only), compared and hashed by value."""
 
     __slots__ = ("recipient", "status", "reply", "dsn", "relay")
@@ -31,31 +33,6 @@ class Outcome:
         _set(self, "reply", reply)
         _set(self, "dsn", dsn)
         _set(self, "relay", relay)
-
-    def _key(self) -> tuple[str, str, str, str, str]:
-        return (self.recipient, self.status, self.reply, self.dsn, self.relay)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Outcome) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(recipient={self.recipient!r},"
-                f" status={self.status!r}, reply={self.reply!r}, dsn={self.dsn!r},"
-                f" relay={self.relay!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Outcome], tuple[str, str, str, str, str]]:
-        return (self.__class__, self._key())
 
 
 if not TYPE_CHECKING:

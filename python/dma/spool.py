@@ -25,6 +25,7 @@ import time
 
 from dma import _core
 from dma.errors import SpoolCorrupt, SpoolError, SpoolFullError
+from dma.record import Frozen, Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def _json_number(value: float) -> str:
     return float.__repr__(value)
 
 
-class Envelope:
+class Envelope(Frozen):
     __slots__ = ("id", "sender", "recipients", "created", "uid", "user", "size", "eight_bit",
                  "notice")
 
@@ -100,34 +101,6 @@ class Envelope:
         _set(self, "size", size)
         _set(self, "eight_bit", eight_bit)
         _set(self, "notice", notice)
-
-    def _key(self) -> tuple[str, str, tuple[str, ...], float, int, str, int, bool, str]:
-        return (self.id, self.sender, self.recipients, self.created, self.uid, self.user,
-                self.size, self.eight_bit, self.notice)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Envelope) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(id={self.id!r}, sender={self.sender!r},"
-                f" recipients={self.recipients!r}, created={self.created!r},"
-                f" uid={self.uid!r}, user={self.user!r}, size={self.size!r},"
-                f" eight_bit={self.eight_bit!r}, notice={self.notice!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Envelope], tuple[
-            str, str, tuple[str, ...], float, int, str, int, bool, str]]:
-        return (self.__class__, self._key())
 
     def to_bytes(self) -> bytes:
         # json.dumps({"v": ENVELOPE_VERSION, "id": ..., "8bit": ...[, "notice": ...]},
@@ -164,7 +137,7 @@ class Envelope:
             raise SpoolCorrupt(f"{path}: unreadable envelope ({e})") from None
 
 
-class RecipientState:
+class RecipientState(Record):
     __slots__ = ("recipient", "status", "attempts", "reply", "dsn", "relay", "last_attempt")
 
     recipient: str
@@ -187,25 +160,8 @@ class RecipientState:
         self.relay = relay
         self.last_attempt = last_attempt
 
-    def _key(self) -> tuple[str, str, int, str, str, str, float | None]:
-        return (self.recipient, self.status, self.attempts, self.reply, self.dsn, self.relay,
-                self.last_attempt)
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, RecipientState) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(recipient={self.recipient!r},"
-                f" status={self.status!r}, attempts={self.attempts!r}, reply={self.reply!r},"
-                f" dsn={self.dsn!r}, relay={self.relay!r},"
-                f" last_attempt={self.last_attempt!r})")
-
-
-class QueueEntry:
+class QueueEntry(Record):
     """What ``mailq`` shows of one message; read without locks."""
 
     __slots__ = ("id", "envelope", "size", "mtime", "states", "error", "held")
@@ -229,23 +185,6 @@ class QueueEntry:
         self.states = {} if states is None else states
         self.error = error
         self.held = held
-
-    def _key(self) -> tuple[str, Envelope | None, int, float, dict[str, RecipientState], str,
-                            bool]:
-        return (self.id, self.envelope, self.size, self.mtime, self.states, self.error,
-                self.held)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, QueueEntry) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(id={self.id!r}, envelope={self.envelope!r},"
-                f" size={self.size!r}, mtime={self.mtime!r}, states={self.states!r},"
-                f" error={self.error!r}, held={self.held!r})")
 
 
 def new_id(now: float | None = None) -> str:

@@ -17,6 +17,7 @@ from dma.address import Address, parse_header_addresses, parse_mailbox
 from dma.aliases import Aliases
 from dma.config import Config
 from dma.errors import AddressError, NoRecipientsError, UnknownUserError
+from dma.record import Frozen
 from dma.spool import Envelope, Spool, spool_error
 
 TYPE_CHECKING = False
@@ -30,7 +31,7 @@ HEAD_LIMIT = 1 << 20
 # keyword arguments, read-only attributes, equality and hash by value, repr.
 
 
-class Request:
+class Request(Frozen):
     """What the caller asked for (sendmail flags or ``dma.send`` arguments)."""
 
     __slots__ = ("recipients", "sender", "full_name", "from_headers", "dot_ends")
@@ -54,34 +55,8 @@ class Request:
         _set(self, "from_headers", from_headers)
         _set(self, "dot_ends", dot_ends)
 
-    def _key(self) -> tuple[Sequence[str], str | None, str, bool, bool]:
-        return (self.recipients, self.sender, self.full_name, self.from_headers, self.dot_ends)
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Request) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(recipients={self.recipients!r},"
-                f" sender={self.sender!r}, full_name={self.full_name!r},"
-                f" from_headers={self.from_headers!r}, dot_ends={self.dot_ends!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Request], tuple[Sequence[str], str | None, str, bool,
-                                                       bool]]:
-        return (self.__class__, self._key())
-
-
-class DropRequest:
+class DropRequest(Frozen):
     """What an unprivileged submitter asked for, stored with its dropped message.  Nothing
     in it is trusted beyond what the submitter could ask of ``sendmail`` directly; who
     submitted is the dropped file's owner."""
@@ -100,31 +75,6 @@ class DropRequest:
         _set(self, "sender", sender)
         _set(self, "full_name", full_name)
         _set(self, "from_headers", from_headers)
-
-    def _key(self) -> tuple[tuple[str, ...], str, str, bool]:
-        return (self.recipients, self.sender, self.full_name, self.from_headers)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, DropRequest) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(recipients={self.recipients!r},"
-                f" sender={self.sender!r}, full_name={self.full_name!r},"
-                f" from_headers={self.from_headers!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[DropRequest], tuple[tuple[str, ...], str, str, bool]]:
-        return (self.__class__, self._key())
 
     def to_bytes(self) -> bytes:
         import json
@@ -147,7 +97,7 @@ class DropRequest:
                    bool(doc.get("from_headers", False)))
 
 
-class Submitter:
+class Submitter(Frozen):
     """The local identity of the caller, from the real uid (never from a header)."""
 
     __slots__ = ("user", "uid", "gecos")
@@ -161,30 +111,6 @@ class Submitter:
         _set(self, "user", user)
         _set(self, "uid", uid)
         _set(self, "gecos", gecos)
-
-    def _key(self) -> tuple[str, int, str]:
-        return (self.user, self.uid, self.gecos)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Submitter) and other.__class__ is self.__class__:
-            return self._key() == other._key()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(user={self.user!r}, uid={self.uid!r},"
-                f" gecos={self.gecos!r})")
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[type[Submitter], tuple[str, int, str]]:
-        return (self.__class__, self._key())
 
     @classmethod
     def current(cls, env: Mapping[str, str] = os.environ) -> Submitter:
