@@ -56,12 +56,12 @@ def test_parse_formats() -> None:
             "#alice|smtp.example.org:commented\n")
     e = parse(text, "auth.conf")
     assert e == {
-        "smtp.example.org": ("alice", "s3cret"),
-        "pipe.example.org": ("bob", "pw|with|bars"),
-        "space.example.org": ("carol", "pass word"),
-        "tab.example.org": ("dave", "tab:pw"),
-        "crlf.example.org": ("erin", "pw"),
-        "empty.example.org": ("frank", ""),
+        "smtp.example.org": Credentials("alice", "s3cret"),
+        "pipe.example.org": Credentials("bob", "pw|with|bars"),
+        "space.example.org": Credentials("carol", "pass word"),
+        "tab.example.org": Credentials("dave", "tab:pw"),
+        "crlf.example.org": Credentials("erin", "pw"),
+        "empty.example.org": Credentials("frank", ""),
     }
 
 
@@ -86,8 +86,8 @@ def test_credentials_repr_hides_password() -> None:
 
 def test_lookup() -> None:
     t = AuthTable({"Smtp.Example.org": Credentials("u", "p")})
-    assert t.get("Smtp.Example.org") == ("u", "p")
-    assert t.get("smtp.example.org.") == ("u", "p")
+    assert t.get("Smtp.Example.org") == Credentials("u", "p")
+    assert t.get("smtp.example.org.") == Credentials("u", "p")
     assert t.get("other") is None
     assert "smtp.example.org" in t and len(t) == 1
 
@@ -97,7 +97,7 @@ def test_load_and_permissions(tmp_path: Path) -> None:
     p.write_text("u|h:p\n")
     os.chmod(p, 0o600)
     t = load(str(p))
-    assert t.get("h") == ("u", "p") and not t.insecure_permissions
+    assert t.get("h") == Credentials("u", "p") and not t.insecure_permissions
     os.chmod(p, 0o644)
     assert load(str(p)).insecure_permissions
     if os.geteuid() == 0:

@@ -16,16 +16,22 @@ from __future__ import annotations
 import grp
 import os
 import stat
-from typing import NamedTuple
 
 from .errors import ConfigError
+from .record import Frozen
 
 _HOST_END = (":", "|", " ", "\t")
 
 
-class Credentials(NamedTuple):
+class Credentials(Frozen):
+    __slots__ = ("user", "password")
+
     user: str
     password: str
+
+    def __init__(self, user: str, password: str) -> None:
+        object.__setattr__(self, "user", user)
+        object.__setattr__(self, "password", password)
 
     def __repr__(self) -> str:  # never print a password by accident
         return f"Credentials(user={self.user!r}, password='***')"

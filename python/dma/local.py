@@ -36,14 +36,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from dma.errors import SpoolCorrupt
-from dma.outcome import Outcome, Status
+from dma.outcome import Outcome
 
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
 if TYPE_CHECKING:
     from dma._core import MessageFile
     from dma.config import Config
+    from dma.outcome import Status
 
 __all__ = ["deliver", "LOCK_TIMEOUT", "STALE_LOCK_AGE"]
 

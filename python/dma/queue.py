@@ -7,27 +7,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dma import _core, bounce, route
 from dma.config import Config
 from dma.errors import DmaError, SpoolCorrupt
 from dma.log import Log
-from dma.outcome import Outcome, Status
+from dma.outcome import Outcome
+from dma.record import Record
 from dma.spool import Envelope, RecipientState, Spool
 
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
 if TYPE_CHECKING:
     from dma import smtp
+    from dma.outcome import Status
 
 
-@dataclass
-class RunResult:
+class RunResult(Record):
+    __slots__ = ("queue_id", "outcomes", "claimed", "error")
+
     queue_id: str
     outcomes: list[Outcome]
-    claimed: bool = True
+    claimed: bool
     """False when another runner held the message, or it could not be read."""
-    error: str = ""
+    error: str
+
+    def __init__(self, queue_id: str, outcomes: list[Outcome], claimed: bool = True,
+                 error: str = "") -> None:
+        self.queue_id = queue_id
+        self.outcomes = outcomes
+        self.claimed = claimed
+        self.error = error
 
     @property
     def pending(self) -> bool:

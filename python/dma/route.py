@@ -24,11 +24,11 @@ import random
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dma.errors import EX_TEMPFAIL, EX_UNAVAILABLE, ConfigError, DmaError
+from dma.record import Frozen
 
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
 if TYPE_CHECKING:
     import dns.name
     import dns.resolver
@@ -39,37 +39,59 @@ MX_PORT = 25
 DEFAULT_DNS_LIFETIME = 30.0
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(Frozen):
     """One server to try, with its addresses in the order to try them."""
+
+    __slots__ = ("name", "port", "addresses", "preference")
 
     name: str
     """The name to present for TLS (SNI, certificate check) and to look up in auth.conf:
     the smarthost or MX host name without a trailing dot, or a bare IP address."""
     port: int
     addresses: tuple[str, ...]
-    preference: int = 0
+    preference: int
+
+    def __init__(self, name: str, port: int, addresses: tuple[str, ...],
+                 preference: int = 0) -> None:
+        _set = object.__setattr__
+        _set(self, "name", name)
+        _set(self, "port", port)
+        _set(self, "addresses", addresses)
+        _set(self, "preference", preference)
 
 
-@dataclass(frozen=True)
-class Destination:
+class Destination(Frozen):
     """A group of recipients that share one SMTP transaction."""
+
+    __slots__ = ("kind", "name", "recipients")
 
     kind: str
     """``smarthost`` or ``mx``."""
     name: str
     """The smarthost name or the recipient domain (ASCII / IDNA form)."""
-    recipients: tuple[str, ...] = field(default=())
+    recipients: tuple[str, ...]
+
+    def __init__(self, kind: str, name: str, recipients: tuple[str, ...] = ()) -> None:
+        _set = object.__setattr__
+        _set(self, "kind", kind)
+        _set(self, "name", name)
+        _set(self, "recipients", recipients)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Frozen):
     """The recipients of one message, split by where they go."""
+
+    __slots__ = ("local", "remote")
 
     local: tuple[str, ...]
     """Local user names, in first-appearance order."""
     remote: tuple[Destination, ...]
     """One Destination per smarthost / recipient domain, in first-appearance order."""
+
+    def __init__(self, local: tuple[str, ...], remote: tuple[Destination, ...]) -> None:
+        _set = object.__setattr__
+        _set(self, "local", local)
+        _set(self, "remote", remote)
 
 
 class RouteError(DmaError):

@@ -23,17 +23,16 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Literal, Protocol
 
 from . import tls as tlsmod
 from .auth import AuthTable, Credentials
 from .config import Config
 from .errors import SpoolCorrupt
 from .log import Log
-from .outcome import Outcome, Status
+from .outcome import Outcome
 from .route import Destination, Host
 
-__all__ = ["Connection", "DeliveryError", "MessageLike", "deliver"]
+__all__ = ["Connection", "DeliveryError", "deliver"]
 
 _MAXLINE: int = getattr(smtplib, "_MAXLINE", 8192)  # the longest reply line we accept
 _MAX_REPLY_LINES = 512
@@ -45,21 +44,28 @@ _STAGES = {"MAIL FROM": "sending MAIL FROM", "RCPT TO": "sending RCPT TO",
 CRLF = b"\r\n"
 
 
-class MessageLike(Protocol):
-    """What we use of ``dma._core.MessageFile``."""
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
+if TYPE_CHECKING:
+    from typing import Literal, Protocol
 
-    @property
-    def path(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def eight_bit(self) -> bool: ...
-    @property
-    def max_line(self) -> int: ...
-    @property
-    def crc32(self) -> int: ...
-    def cursor(self, kind: str = ..., offset: int = ..., chunk: int = ...) -> Iterator[bytes]: ...
-    def send_to(self, fd: int, kind: str = ..., chunk: int = ...) -> int: ...
+    from .outcome import Status
+
+    class MessageLike(Protocol):
+        """What we use of ``dma._core.MessageFile``."""
+
+        @property
+        def path(self) -> str: ...
+        @property
+        def size(self) -> int: ...
+        @property
+        def eight_bit(self) -> bool: ...
+        @property
+        def max_line(self) -> int: ...
+        @property
+        def crc32(self) -> int: ...
+        def cursor(self, kind: str = ..., offset: int = ...,
+                   chunk: int = ...) -> Iterator[bytes]: ...
+        def send_to(self, fd: int, kind: str = ..., chunk: int = ...) -> int: ...
 
 
 class DeliveryError(Exception):

@@ -34,12 +34,15 @@ import ipaddress
 import os
 import socket
 import ssl
-from dataclasses import dataclass, replace
-from typing import Literal
 
 from .config import Config
+from .record import Frozen
 
-Mode = Literal["none", "implicit", "starttls"]
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Mode = Literal["none", "implicit", "starttls"]
 _MX_LEVELS = ("none", "may", "encrypt", "verify")
 
 
@@ -54,18 +57,38 @@ class TlsError(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True)
-class TlsPolicy:
-    mode: Mode = "none"
-    required: bool = False
+class TlsPolicy(Frozen):
+    __slots__ = ("mode", "required", "verify", "fallback_plaintext", "fingerprint",
+                 "certfile", "cafile")
+
+    mode: Mode
+    required: bool
     """STARTTLS refused or not offered: True -> defer, False -> carry on in plaintext."""
-    verify: bool = False
+    verify: bool
     """Verify the chain and the host name."""
-    fallback_plaintext: bool = False
+    fallback_plaintext: bool
     """A failed STARTTLS handshake: reconnect and go on in plaintext (MX_TLS may)."""
-    fingerprint: bytes | None = None
-    certfile: str | None = None
-    cafile: str | None = None
+    fingerprint: bytes | None
+    certfile: str | None
+    cafile: str | None
+
+    def __init__(self, mode: Mode = "none", required: bool = False, verify: bool = False,
+                 fallback_plaintext: bool = False, fingerprint: bytes | None = None,
+                 certfile: str | None = None, cafile: str | None = None) -> None:
+        _set = object.__setattr__
+        _set(self, "mode", mode)
+        _set(self, "required", required)
+        _set(self, "verify", verify)
+        _set(self, "fallback_plaintext", fallback_plaintext)
+        _set(self, "fingerprint", fingerprint)
+        _set(self, "certfile", certfile)
+        _set(self, "cafile", cafile)
+
+    def replace(self, **changes: object) -> TlsPolicy:
+        """A copy with the given fields changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return TlsPolicy(**fields)
 
 
 def policy_for(config: Config, kind: str) -> TlsPolicy:
@@ -77,8 +100,8 @@ def policy_for(config: Config, kind: str) -> TlsPolicy:
             return base
         verify = config.verifycert or not config.tls_noverify
         if not config.starttls:
-            return replace(base, mode="implicit", required=True, verify=verify)
-        return replace(base, mode="starttls", required=not config.opportunistic_tls,
+            return base.replace(mode="implicit", required=True, verify=verify)
+        return base.replace(mode="starttls", required=not config.opportunistic_tls,
                        verify=verify)
     level = config.mx_tls if config.mx_tls in _MX_LEVELS else "may"
     if (config.securetransfer and config.starttls and not config.opportunistic_tls
@@ -87,7 +110,7 @@ def policy_for(config: Config, kind: str) -> TlsPolicy:
     if level == "none":
         return base
     verify = level == "verify" or config.verifycert
-    return replace(base, mode="starttls", required=level != "may", verify=verify,
+    return base.replace(mode="starttls", required=level != "may", verify=verify,
                    fallback_plaintext=level == "may" and not verify)
 
 
