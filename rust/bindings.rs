@@ -220,8 +220,11 @@ impl MessageFile {
         Ok(n)
     }
 
-    fn close(&self) {
-        self.inner.close();
+    /// Closing the last descriptor of an unlinked file frees its blocks, which can wait on
+    /// the file system's journal: the GIL is released meanwhile.
+    fn close(&self, py: Python<'_>) {
+        let inner = &self.inner;
+        py.detach(|| inner.close());
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -235,7 +238,8 @@ impl MessageFile {
         traceback: &Bound<'_, PyAny>,
     ) -> bool {
         let _ = (exc_type, exc_value, traceback);
-        self.inner.close();
+        let inner = &self.inner;
+        exc_type.py().detach(|| inner.close());
         false
     }
 

@@ -119,6 +119,9 @@ class Session:
     """(mechanism, user, success)."""
     auth_in_cleartext: bool = False
     closed: threading.Event = field(default_factory=threading.Event)
+    after_data: list[bytes] = field(default_factory=list)
+    """For each DATA transaction: what had already arrived behind its end-of-data line
+    (commands pipelined with the message)."""
 
     def batch_of(self, prefix: bytes) -> int:
         for i, b in enumerate(self.batches):
@@ -358,6 +361,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 if not b.data_reply.startswith(b"354"):
                     continue
                 txn.data, txn.via = self._read_data(conn), "DATA"
+                sess.after_data.append(bytes(conn.buf))
                 self._finish(conn, sess, txn)
                 txn = None
             elif verb == "BDAT":

@@ -309,9 +309,7 @@ def test_large_message_memory_stays_flat(site: DmaSite, tmp_path: Path) -> None:
     assert size > src.stat().st_size
 
 
-def test_full_spool_while_journaling_loses_nothing(site: DmaSite, tiny_spool: Path) -> None:
-    r = site.run("-bq", "root", input=b"Subject: j\n\njournal me\n")
-    assert r.returncode == 0, r.stderr
+def _fill_up(tiny_spool: Path) -> Path:
     filler = tiny_spool / "filler"
     with open(filler, "wb", buffering=0) as f:  # fill the spool's filesystem to the last byte
         try:
@@ -319,15 +317,42 @@ def test_full_spool_while_journaling_loses_nothing(site: DmaSite, tiny_spool: Pa
                 f.write(b"\0" * 4096)
         except OSError:
             pass
+    return filler
+
+
+def test_full_spool_after_delivery_loses_nothing(site: DmaSite, tiny_spool: Path) -> None:
+    # One recipient delivered in one go: the message is removed without a journal write,
+    # so a full spool disk neither fails it nor causes a second copy later.
+    r = site.run("-bq", "root", input=b"Subject: j\n\njournal me\n")
+    assert r.returncode == 0, r.stderr
+    filler = _fill_up(tiny_spool)
     r = site.run("-q")
     assert r.returncode == 0, r.stderr
     assert b"Traceback" not in r.stderr
-    assert b"journal me" in site.mailbox().read_bytes()
-    assert len(site.queue_ids()) == 1  # the result could not be written: still queued
-    assert "cannot write the journal" in (site.root / "dma.log").read_text()
+    assert site.mailbox().read_bytes().count(b"journal me") == 1
+    assert site.queue_ids() == []
     filler.unlink()
     assert site.run("-q").returncode == 0
+    assert site.mailbox().read_bytes().count(b"journal me") == 1
+
+
+def test_full_spool_while_journaling_loses_nothing(site: DmaSite, tiny_spool: Path) -> None:
+    # Two mailboxes are two steps, each journalled as it completes: the journal cannot be
+    # written, which is logged; both copies are delivered once and the message is finished.
+    r = site.run("-bq", "root", "daemon", input=b"Subject: j\n\njournal me\n")
+    assert r.returncode == 0, r.stderr
+    filler = _fill_up(tiny_spool)
+    r = site.run("-q")
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert "cannot write the journal" in (site.root / "dma.log").read_text()
+    for user in ("root", "daemon"):
+        assert site.mailbox(user).read_bytes().count(b"journal me") == 1
     assert site.queue_ids() == []
+    filler.unlink()
+    assert site.run("-q").returncode == 0
+    for user in ("root", "daemon"):
+        assert site.mailbox(user).read_bytes().count(b"journal me") == 1
 
 
 def test_full_spool_when_bouncing_keeps_the_original(site: DmaSite, tiny_spool: Path) -> None:

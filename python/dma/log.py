@@ -48,8 +48,14 @@ class Log:
                 self._syslog.syslog(prio, line)
             elif self.fallback_path:
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                with open(self.fallback_path, "a", encoding="utf-8", errors="replace") as f:
-                    f.write(f"{stamp} {self.ident}[{os.getpid()}]: {level}: {line}\n")
+                text = f"{stamp} {self.ident}[{os.getpid()}]: {level}: {line}\n"
+                # One write with O_APPEND: lines of concurrent processes never interleave.
+                fd = os.open(self.fallback_path,
+                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                try:
+                    os.write(fd, text.encode("utf-8", "replace"))
+                finally:
+                    os.close(fd)
         except Exception:  # noqa: BLE001
             pass
         if self.verbose or (self._syslog is None and not self.fallback_path):

@@ -22,7 +22,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from . import tls as tlsmod
 from .auth import AuthTable, Credentials
@@ -42,11 +42,15 @@ _PIPELINE_BATCH = 100
 _STAGES = {"MAIL FROM": "sending MAIL FROM", "RCPT TO": "sending RCPT TO",
            "DATA": "sending DATA command"}
 CRLF = b"\r\n"
+_HELD_MAX = 256 * 1024
+"""Messages up to this size (on disk) are read whole to ride in one write with the next
+message's commands (``send_many``); bigger ones stream on their own."""
+_DUP_STAGE = "sending end of data -- message may be sent more than once"
 
 
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
 if TYPE_CHECKING:
-    from typing import Literal, Protocol
+    from typing import Literal, Protocol, TypeVar
 
     from .outcome import Status
 
@@ -66,6 +70,23 @@ if TYPE_CHECKING:
         def cursor(self, kind: str = ..., offset: int = ...,
                    chunk: int = ...) -> Iterator[bytes]: ...
         def send_to(self, fd: int, kind: str = ..., chunk: int = ...) -> int: ...
+
+    class Job(Protocol):
+        """One message for ``send_many`` / ``deliver_many``."""
+
+        @property
+        def msg(self) -> MessageLike: ...
+        @property
+        def sender(self) -> str: ...
+        @property
+        def recipients(self) -> Sequence[str]: ...
+        @property
+        def queue_id(self) -> str: ...
+        @property
+        def created(self) -> float: ...
+
+    J = TypeVar("J", bound=Job)
+    _Prep = tuple[J, "_Txn", tuple[bytes, list[int], list[bytes]] | None, bytes | None, str]
 
 
 class DeliveryError(Exception):
@@ -221,6 +242,20 @@ class _Client(smtplib.SMTP):
             if len(lines) >= _MAX_REPLY_LINES:
                 self.close()
                 raise _Lost("protocol", f"reply of more than {_MAX_REPLY_LINES} lines")
+
+
+class _Txn:
+    """One transaction's bookkeeping while its replies come in."""
+
+    __slots__ = ("rcpts", "results", "accepted", "mail_ok", "data_code", "data_text")
+
+    def __init__(self, rcpts: list[str], results: list[Outcome | None]) -> None:
+        self.rcpts = rcpts
+        self.results = results
+        self.accepted: list[int] = []
+        self.mail_ok = True
+        self.data_code = 0
+        self.data_text = ""
 
 
 class Connection:
@@ -492,8 +527,7 @@ class Connection:
             self._broken = (reason, "4.3.0")
             self._fill(results, rcpts, "deferred", reason, "4.3.0")
             self.close()
-        return [o if o is not None else self._out(r, "deferred", "internal error", "4.3.0")
-                for r, o in zip(rcpts, results, strict=True)]
+        return self._complete(rcpts, results)
 
     def _out(self, rcpt: str, status: Status, reply: str, dsn: str) -> Outcome:
         return Outcome(rcpt, status, reply, dsn, self.relay)
@@ -512,23 +546,11 @@ class Connection:
             raise _Closing(f"{text} (in reply to {what})", _dsn(code, text, temporary=True))
         return code, text
 
-    def _transaction(self, client: _Client, msg: MessageLike, sender: str,
-                     rcpts: list[str], results: list[Outcome | None]) -> None:
-        cfg = self.config
-        mail_t, rcpt_t = float(cfg.mail_timeout), float(cfg.rcpt_timeout)
-        data_t, block_t = float(cfg.data_timeout), float(cfg.datablock_timeout)
-        dot_t = float(cfg.dot_timeout)
-        feats = client.esmtp_features
-
-        if self._need_rset:
-            self._stage = "sending RSET"
-            client.timeout_s = mail_t
-            client.putcmd("RSET")
-            code, text = self._reply(client, mail_t, "RSET")
-            if code // 100 != 2:
-                raise _Closing(f"{text} (in reply to RSET)", "4.0.0")
-            self._need_rset = False
-
+    def _commands(self, msg: MessageLike, sender: str, rcpts: list[str],
+                  results: list[Outcome | None]) -> tuple[bytes, list[int], list[bytes]] | None:
+        """MAIL FROM and one RCPT TO per recipient that can be sent (indexes in ``wanted``);
+        what cannot be sent gets its outcome in ``results``; None when nothing can."""
+        feats = self._client.esmtp_features if self._client is not None else {}
         # Addresses: ASCII, IDNA for a non-ASCII domain, else SMTPUTF8 when offered.
         utf8_ok = "smtputf8" in feats
         try:
@@ -536,11 +558,11 @@ class Connection:
         except ValueError:
             self._fill(results, rcpts, "failed", f"bad sender address syntax: {sender!r}",
                        "5.1.7")
-            return
+            return None
         if sender_utf8 and not utf8_ok:
             self._fill(results, rcpts, "failed", f"the sender address {sender} needs SMTPUTF8, "
                        f"which {self.relay} does not support", "5.6.7")
-            return
+            return None
         wanted: list[int] = []
         encoded: dict[int, bytes] = {}
         need_utf8 = sender_utf8
@@ -559,7 +581,7 @@ class Connection:
             wanted.append(i)
             encoded[i] = b
         if not wanted:
-            return
+            return None
 
         params: list[bytes] = []
         if "size" in feats:
@@ -571,7 +593,7 @@ class Connection:
             if limit and wire > limit:
                 self._fill(results, rcpts, "failed", f"message size {wire} exceeds size limit "
                            f"{limit} of server {self.relay}", "5.3.4")
-                return
+                return None
             params.append(b"SIZE=%d" % wire)
         if msg.eight_bit and "8bitmime" in feats:
             params.append(b"BODY=8BITMIME")
@@ -579,12 +601,34 @@ class Connection:
             params.append(b"SMTPUTF8")
         mail_cmd = b"MAIL FROM:<" + sender_b + b">" + b"".join(b" " + p for p in params) + CRLF
         rcpt_cmds = [b"RCPT TO:<" + encoded[i] + b">" + CRLF for i in wanted]
+        return mail_cmd, wanted, rcpt_cmds
+
+    def _transaction(self, client: _Client, msg: MessageLike, sender: str,
+                     rcpts: list[str], results: list[Outcome | None]) -> None:
+        cfg = self.config
+        mail_t, rcpt_t = float(cfg.mail_timeout), float(cfg.rcpt_timeout)
+        data_t, block_t = float(cfg.data_timeout), float(cfg.datablock_timeout)
+        dot_t = float(cfg.dot_timeout)
+        feats = client.esmtp_features
+
+        if self._need_rset:
+            self._stage = "sending RSET"
+            client.timeout_s = mail_t
+            client.putcmd("RSET")
+            code, text = self._reply(client, mail_t, "RSET")
+            if code // 100 != 2:
+                raise _Closing(f"{text} (in reply to RSET)", "4.0.0")
+            self._need_rset = False
+
+        cmds = self._commands(msg, sender, rcpts, results)
+        if cmds is None:
+            return
+        mail_cmd, wanted, rcpt_cmds = cmds
         bdat = "chunking" in feats
         pipelining = "pipelining" in feats
 
         self._need_rset = True  # until the transaction ends with a final reply
-        accepted: list[int] = []
-        data_code, data_text = 0, ""
+        txn = _Txn(rcpts, results)
         # With PIPELINING: MAIL, the RCPTs and (for DATA) the DATA command go out in one
         # send, then the replies are read in order.  Batches are capped so that neither side
         # can block on a full socket buffer with many recipients (RFC 2920 section 3.1).
@@ -594,34 +638,20 @@ class Connection:
             steps.append(("DATA", b"DATA\r\n", -1))
         timeouts = {"MAIL FROM": mail_t, "RCPT TO": rcpt_t, "DATA": data_t}
         group = _PIPELINE_BATCH if pipelining else 1
-        mail_ok = True
         pos = 0
         while pos < len(steps):
             batch = steps[pos:pos + group]
             pos += len(batch)
             first = batch[0][0]
-            if not pipelining and (not mail_ok or (first == "DATA" and not accepted)):
+            if not pipelining and (not txn.mail_ok or (first == "DATA" and not txn.accepted)):
                 break
             self._stage = _STAGES[first]
             client.send_raw(b"".join(cmd for _, cmd, _ in batch), timeouts[first])
             for what, _, i in batch:
                 self._stage = _STAGES[what]
                 code, text = self._reply(client, timeouts[what], what)
-                if what == "MAIL FROM":
-                    mail_ok = code // 100 == 2
-                    if not mail_ok:
-                        self._fill(results, rcpts, _status(code),
-                                   f"{text} (in reply to MAIL FROM)", _dsn(code, text))
-                elif what == "RCPT TO":
-                    if not mail_ok:
-                        continue
-                    if code // 100 == 2:
-                        accepted.append(i)
-                    else:
-                        results[i] = self._out(rcpts[i], _status(code),
-                                               f"{text} (in reply to RCPT TO)", _dsn(code, text))
-                else:
-                    data_code, data_text = code, text
+                self._on_reply(txn, what, i, code, text)
+        accepted, data_code, data_text = txn.accepted, txn.data_code, txn.data_text
         if data_code == 354 and not accepted:
             # Pipelined DATA got its go-ahead with no recipient: send an empty message's end.
             self._stage = "sending end of data"
@@ -630,29 +660,207 @@ class Connection:
             return
         if not accepted:
             return
-
-        def finish(code: int, text: str, what: str) -> None:
-            status = _status(code)
-            reply = text if status == "delivered" else f"{text} (in reply to {what})"
-            for i in accepted:
-                results[i] = self._out(rcpts[i], status, reply, _dsn(code, text))
-
         if bdat:
             code, text, what = self._send_bdat(client, msg, block_t, dot_t)
         else:
             if data_code != 354:
-                finish(data_code if data_code // 100 != 2 else 451, data_text, "DATA")
+                self._finish(txn, data_code if data_code // 100 != 2 else 451, data_text,
+                             "DATA")
                 return
             self._stage = "sending message body"
-            # Lines over 998 octets are broken the way Postfix does (CRLF SPACE inserted):
-            # RFC 5321 lets a server refuse them, and only BDAT may carry them unchanged.
-            kind = "smtp-wrap" if msg.max_line > 998 else "smtp"
-            self._send_body(client, msg, kind, block_t)
-            self._stage = "sending end of data -- message may be sent more than once"
+            self._send_body(client, msg, _body_kind(msg), block_t)
+            self._stage = _DUP_STAGE
             code, text = self._reply(client, dot_t, "end of DATA")
             what = "end of DATA"
-        finish(code, text, what)
+        self._finish(txn, code, text, what)
         self._need_rset = what == "BDAT"  # a chunk refused before LAST: the server may wait
+
+    def _on_reply(self, txn: _Txn, what: str, i: int, code: int, text: str) -> None:
+        """One reply to MAIL FROM, RCPT TO (recipient index ``i``) or DATA."""
+        if what == "MAIL FROM":
+            txn.mail_ok = code // 100 == 2
+            if not txn.mail_ok:
+                self._fill(txn.results, txn.rcpts, _status(code),
+                           f"{text} (in reply to MAIL FROM)", _dsn(code, text))
+        elif what == "RCPT TO":
+            if not txn.mail_ok:
+                return
+            if code // 100 == 2:
+                txn.accepted.append(i)
+            else:
+                txn.results[i] = self._out(txn.rcpts[i], _status(code),
+                                           f"{text} (in reply to RCPT TO)", _dsn(code, text))
+        else:
+            txn.data_code, txn.data_text = code, text
+
+    def _finish(self, txn: _Txn, code: int, text: str, what: str) -> None:
+        """The final reply for every accepted recipient."""
+        status = _status(code)
+        reply = text if status == "delivered" else f"{text} (in reply to {what})"
+        dsn = _dsn(code, text)
+        for i in txn.accepted:
+            txn.results[i] = self._out(txn.rcpts[i], status, reply, dsn)
+
+    # -- many messages back to back ------------------------------------------------------
+
+    def send_many(self, jobs: Iterator[J],
+                  put_back: Callable[[J], None]) -> Iterator[tuple[J, list[Outcome]]]:
+        """Transactions back to back on this session, one per job (a queue run to one
+        smarthost).  With PIPELINING a message costs one round trip: its MAIL, RCPTs and DATA
+        go out in the same write as the previous message's body and dot, whose final reply
+        is read before theirs (RFC 2920 section 3.1: message content may start a group, DATA
+        ends one); the next job is taken and read while the server works.  Yields (job,
+        outcomes) in order for every job started.  When the session breaks, a message whose
+        end of data had no reply is deferred (it may have arrived); a job not started, or
+        whose commands had no reply yet, goes to ``put_back`` for a new session, provided
+        this one delivered something (else it is deferred: no endless reconnecting)."""
+        client = self._client
+        feats = client.esmtp_features if client is not None else {}
+        if (client is None or client.sock is None or "pipelining" not in feats
+                or "chunking" in feats):
+            # One transaction at a time (BDAT pipelines within a message already).
+            for job in jobs:
+                yield job, self.send(job.msg, job.sender, job.recipients)
+                if not self.is_open:
+                    return
+            return
+        cfg = self.config
+        timeouts = {"MAIL FROM": float(cfg.mail_timeout), "RCPT TO": float(cfg.rcpt_timeout),
+                    "DATA": float(cfg.data_timeout)}
+        block_t, dot_t = float(cfg.datablock_timeout), float(cfg.dot_timeout)
+        held: tuple[J, _Txn, bytes] | None = None
+        """Its body and dot go out with the next message's commands."""
+        sent: _Prep[J] | None = None
+        """Its commands are out, not all their replies are in."""
+        ready: _Prep[J] | None = None
+        """Taken and read, nothing sent yet: (job, txn, commands, body, error)."""
+        answered = False
+        """Whether any reply to ``sent``'s commands has come."""
+        progressed = False
+        """Whether a message was accepted or refused for good on this session."""
+        finished = False
+        try:
+            ready = self._prep(next(jobs, None))
+            while ready is not None:
+                job, txn, cmds, body, error = p = ready
+                if body is None or cmds is None:
+                    # Nothing to send, unreadable, or too big to hold: on its own.
+                    if held is not None:
+                        yield self._send_held(client, held, block_t, dot_t)
+                        held = None
+                    ready = None
+                    if error:
+                        self._fill(txn.results, txn.rcpts, "deferred", error, "4.3.0")
+                    elif cmds is not None:
+                        txn.results[:] = self.send(job.msg, job.sender, txn.rcpts)
+                    yield job, self._results(txn)
+                    if not self.is_open:
+                        return
+                    ready = self._prep(next(jobs, None))
+                    continue
+                mail_cmd, wanted, rcpt_cmds = cmds
+                rset = held is None and self._need_rset
+                out = [held[2]] if held is not None else []
+                if rset:
+                    out.append(b"RSET\r\n")
+                out += [mail_cmd, *rcpt_cmds, b"DATA\r\n"]
+                self._stage = _STAGES["MAIL FROM"]
+                sent, ready, answered = p, None, False
+                client.send_raw(b"".join(out),
+                                block_t if held is not None else timeouts["MAIL FROM"])
+                self._need_rset = True
+                ready = self._prep(next(jobs, None))
+                if held is not None:
+                    done = self._held_reply(client, held, dot_t)
+                    held, progressed = None, True
+                    yield done
+                if rset:
+                    self._stage = "sending RSET"
+                    code, text = self._reply(client, timeouts["MAIL FROM"], "RSET")
+                    if code // 100 != 2:
+                        raise _Closing(f"{text} (in reply to RSET)", "4.0.0")
+                for what, i in [("MAIL FROM", -1), *[("RCPT TO", i) for i in wanted],
+                                ("DATA", -1)]:
+                    self._stage = _STAGES[what]
+                    code, text = self._reply(client, timeouts[what], what)
+                    answered = True
+                    self._on_reply(txn, what, i, code, text)
+                sent = None
+                if txn.data_code == 354:
+                    # With no recipient accepted, only the dot (an empty message) follows.
+                    held = (job, txn, body if txn.accepted else b".\r\n")
+                    continue
+                if txn.accepted:
+                    self._finish(txn, txn.data_code if txn.data_code // 100 != 2 else 451,
+                                 txn.data_text, "DATA")
+                yield job, self._results(txn)
+            if held is not None:
+                yield self._send_held(client, held, block_t, dot_t)
+                held = None
+            finished = True
+        except (_Lost, _Closing) as e:
+            if isinstance(e, _Lost):
+                self._broken = e.describe(self.relay, self._stage)
+                dup = e.describe(self.relay, _DUP_STAGE)
+            else:
+                self._broken = dup = (e.reply, e.dsn)
+            self.close()
+            if ready is not None:
+                put_back(ready[0])
+                ready = None
+            if sent is not None and not answered and progressed:
+                put_back(sent[0])
+                sent = None
+            if held is not None:
+                self._fill(held[1].results, held[1].rcpts, "deferred", *dup)
+                yield held[0], self._results(held[1])
+                held = None
+            if sent is not None:
+                self._fill(sent[1].results, sent[1].rcpts, "deferred", *self._broken)
+                yield sent[0], self._results(sent[1])
+                sent = None
+        finally:
+            if not finished and self._client is not None and (held or sent or ready):
+                self.close()  # abandoned midway (the caller stopped): the session is unusable
+
+    def _prep(self, job: J | None) -> _Prep[J] | None:
+        """A job made ready to go: its commands, and its body read whole when small."""
+        if job is None:
+            return None
+        rcpts = list(job.recipients)
+        txn = _Txn(rcpts, [None] * len(rcpts))
+        msg = job.msg
+        try:
+            cmds = self._commands(msg, job.sender, rcpts, txn.results) if rcpts else None
+            body = None
+            if cmds is not None and len(cmds[1]) <= _PIPELINE_BATCH and msg.size <= _HELD_MAX:
+                body = b"".join(msg.cursor(_body_kind(msg)))
+        except (OSError, SpoolCorrupt) as e:
+            return job, txn, None, None, f"cannot read the queue file {msg.path}: {e}"
+        return job, txn, cmds, body, ""
+
+    def _send_held(self, client: _Client, held: tuple[J, _Txn, bytes], block_t: float,
+                   dot_t: float) -> tuple[J, list[Outcome]]:
+        self._stage = _DUP_STAGE
+        client.send_raw(held[2], block_t)
+        result = self._held_reply(client, held, dot_t)
+        self._need_rset = False
+        return result
+
+    def _held_reply(self, client: _Client, held: tuple[J, _Txn, bytes],
+                    dot_t: float) -> tuple[J, list[Outcome]]:
+        job, txn, _ = held
+        self._stage = _DUP_STAGE
+        code, text = self._reply(client, dot_t, "end of DATA")
+        self._finish(txn, code, text, "end of DATA")
+        return job, self._results(txn)
+
+    def _results(self, txn: _Txn) -> list[Outcome]:
+        return self._complete(txn.rcpts, txn.results)
+
+    def _complete(self, rcpts: list[str], results: list[Outcome | None]) -> list[Outcome]:
+        return [o if o is not None else self._out(r, "deferred", "internal error", "4.3.0")
+                for r, o in zip(rcpts, results, strict=True)]
 
     def _send_body(self, client: _Client, msg: MessageLike, kind: str, timeout: float) -> None:
         sock = client.sock
@@ -714,7 +922,7 @@ class Connection:
             if code // 100 != 2:
                 self._drain(client, pending, block_t)
                 return code, text, "BDAT"
-        self._stage = "sending end of data -- message may be sent more than once"
+        self._stage = _DUP_STAGE
         code, text = self._reply(client, dot_t, "BDAT LAST")
         return code, text, "BDAT LAST"
 
@@ -822,6 +1030,78 @@ def deliver(msg: MessageLike, sender: str, recipients: Sequence[str], hosts: Seq
     return [final[r] for r in rcpts]
 
 
+def deliver_many(jobs: Iterable[J], hosts: Sequence[Host], dest: Destination, config: Config,
+                 auth: AuthTable | None, log: Log, pool: ConnectionPool) -> Iterator[
+                     tuple[J, list[Outcome]]]:
+    """``deliver`` for a stream of messages to one destination (a queue run): they go back
+    to back over the first host's session (``Connection.send_many``); recipients that host
+    defers are tried at the next hosts, message by message, as ``deliver`` does.  Yields
+    (job, outcomes) in order, once per job.  One log line per message and attempt."""
+    it = iter(jobs)
+    if not hosts:
+        for job in it:
+            yield job, deliver(job.msg, job.sender, job.recipients, hosts, dest, config, auth,
+                               log, queue_id=job.queue_id, created=job.created, pool=pool)
+        return
+    host, rest = hosts[0], hosts[1:]
+    key = (dest.kind, host.name, host.port)
+    policy = tlsmod.policy_for(config, dest.kind)
+    down: DeliveryError | None = None
+    """Set when the first host could not be reached: not tried again in this run."""
+
+    def onward(job: J, outs: list[Outcome], relay: str, tls_version: str,
+               note: str) -> list[Outcome]:
+        _log_attempt(log, job.queue_id, outs, relay, tls_version, note, job.msg.size,
+                     time.time() - job.created)
+        deferred = [o.recipient for o in outs if o.status == "deferred"]
+        if not deferred or not rest:
+            return outs
+        final = {o.recipient: o for o in outs}
+        for o in deliver(job.msg, job.sender, deferred, rest, dest, config, auth, log,
+                         queue_id=job.queue_id, created=job.created, pool=pool):
+            final[o.recipient] = o
+        return [final[o.recipient] for o in outs]
+
+    back: list[J] = []
+    """Jobs a broken session gave back untouched."""
+
+    def take() -> J | None:
+        return back.pop() if back else next(it, None)
+
+    def more() -> Iterator[J]:
+        while (job := take()) is not None:
+            yield job
+
+    while (first := take()) is not None:
+        conn = pool.take(key) if down is None else None
+        if conn is None and down is None:
+            conn = Connection(host, config, kind=dest.kind, auth=auth, policy=policy)
+            try:
+                conn.open()
+                pool.opened += 1
+            except DeliveryError as e:
+                down = e
+                down.relay = down.relay or conn.relay
+                conn.close()
+                conn = None
+        if conn is None:
+            assert down is not None
+            outs = [Outcome(r, down.status, down.reply, down.dsn, down.relay)
+                    for r in first.recipients]
+            yield first, onward(first, outs, down.relay, "no TLS", "")
+            continue
+        try:
+            for job, outs in conn.send_many(_chain(first, more()), back.append):
+                yield job, onward(job, outs, conn.relay, conn.tls_version, conn.tls_note)
+        finally:
+            pool.give(key, conn)
+
+
+def _chain(first: J, rest: Iterator[J]) -> Iterator[J]:
+    yield first
+    yield from rest
+
+
 def _log_attempt(log: Log, queue_id: str, outs: list[Outcome], relay: str, tls_version: str,
                  note: str, size: int, delay: float) -> None:
     try:
@@ -890,6 +1170,9 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 def _fmt(code: int, resp: bytes | str) -> str:
     text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else resp
+    if (len(text) <= 1000 and text.isprintable() and "  " not in text
+            and text[:1] != " " and text[-1:] != " "):
+        return f"{code} {text}".rstrip()  # the common case, what the general one gives
     parts = [" ".join(p.split()) for p in text.split("\n")]
     body = " ".join(p for p in parts if p)
     body = "".join(c if c.isprintable() else "?" for c in body)
@@ -913,6 +1196,12 @@ def _status(code: int) -> Status:
     if code // 100 == 5:
         return "failed"
     return "deferred"
+
+
+def _body_kind(msg: MessageLike) -> str:
+    # Lines over 998 octets are broken the way Postfix does (CRLF SPACE inserted): RFC 5321
+    # lets a server refuse them, and only BDAT may carry them unchanged.
+    return "smtp-wrap" if msg.max_line > 998 else "smtp"
 
 
 def _timeval(seconds: float) -> bytes:

@@ -360,10 +360,10 @@ class Spool:
         finally:
             os.close(fd)
 
-    def locked(self, qid: str, *, held: bool = False) -> _Claim:
+    def locked(self, qid: str, *, held: bool = False) -> Claim:
         """Claim a message for delivery: a context manager that gives it, or None when
         another runner holds it (or it vanished because that runner finished it)."""
-        return _Claim(self, qid, held)
+        return Claim(self, qid, held)
 
     def move(self, qid: str, *, to_hold: bool) -> None:
         """Hold or release a message (a rename; the caller holds its lock)."""
@@ -436,7 +436,7 @@ class Spool:
         return QueueEntry(qid, env, size, st.st_mtime, self.states(env), held=held)
 
 
-class _Claim:
+class Claim:
     """What :meth:`Spool.locked` returns (a class, not ``contextlib.contextmanager``, whose
     import costs a millisecond or two of every ``sendmail`` start)."""
 
