@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,44 @@ def test_a_queued_submission_imports_nothing_heavy(tmp_path: Path) -> None:
             f"sys.stdin = open({str(msg)!r})\n"
             "rc = main(['sendmail', '-bq', 'root'])\nassert rc == 0, rc\n" + REPORT)
     assert _run(code, DMA_CONF=str(conf)) == "[]"
+    assert len(os.listdir(tmp_path / "spool" / "queue")) == 1
+
+
+LAUNCHERS = ("dma", "sendmail", "mailq", "newaliases")
+
+
+def _installed(name: str) -> str:
+    """The program installed beside the running interpreter (this venv's), else on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    found = here if os.access(here, os.X_OK) else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e .)")
+    return found
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_installed_launchers_are_ours(name: str) -> None:
+    # pip's generated entry-point script imports re on every start; ours does not.
+    path = _installed(name)
+    text = Path(path).read_text()
+    assert text.startswith("#!/") and "from dma.cli import main" in text, text
+    assert "import re" not in text
+
+
+def test_the_installed_sendmail_imports_nothing_heavy(tmp_path: Path) -> None:
+    """The real program, as cron runs it: every module it imports, as Python reports them."""
+    conf = tmp_path / "dma.conf"
+    conf.write_text(f"SPOOLDIR {tmp_path / 'spool'}\nMAILSPOOL {tmp_path / 'mail'}\n"
+                    f"LOGFILE {tmp_path / 'dma.log'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(DMA_CONF=str(conf), PYTHONPROFILEIMPORTTIME="1")
+    proc = subprocess.run([_installed("sendmail"), "-bq", "root"], env=env, timeout=60,
+                          input=b"Subject: hi\n\n" + b"x" * 1000 + b"\n", capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "dma.submit" in imported  # the report is real
+    assert not imported & {*HEAVY, "re", "enum", "functools"}, sorted(imported)
     assert len(os.listdir(tmp_path / "spool" / "queue")) == 1
 
 

@@ -267,25 +267,37 @@ def _run(o: Options) -> int:
 
 
 def _send(o: Options, cfg: Config, log: Log) -> int:
+    from dma.spool import Spool
     from dma.submit import Request, submit
 
     request = Request(recipients=o.recipients, sender=o.sender, full_name=o.full_name,
                       from_headers=o.from_headers, dot_ends=o.dot_ends)
-    qid = submit(sys.stdin.fileno(), request, cfg)
-    from dma.spool import Spool
-
-    if Spool(cfg.spooldir).must_drop():
-        # Not ours to deliver: the queue runner picks it up (dma setup installs one that
-        # watches the drop directory).
-        log.info(f"{qid}: dropped for the queue runner")
+    spool = Spool(cfg.spooldir)
+    detached = not (o.queue_only or cfg.defer or o.foreground or spool.must_drop())
+    # A detached delivery is started before the message is read: it loads the delivery
+    # code while this process spools, and waits for the queue id of the committed message.
+    early = _start_delivery_child(cfg, log, _warm_modules(o, cfg)) if detached else None
+    try:
+        qid = submit(sys.stdin.fileno(), request, cfg)
+        if spool.must_drop():
+            # Not ours to deliver: the queue runner picks it up (dma setup installs one that
+            # watches the drop directory).
+            log.info(f"{qid}: dropped for the queue runner")
+            return EX_OK
+        log.info(f"{qid}: queued")
+        if o.queue_only or cfg.defer:
+            return EX_OK
+        if o.foreground:
+            return _deliver_now(qid, cfg, log)
+        if early is None:
+            _deliver_detached(qid, cfg, log)
+        else:
+            _hand_over(early, qid, log)
+            early = None
         return EX_OK
-    log.info(f"{qid}: queued")
-    if o.queue_only or cfg.defer:
-        return EX_OK
-    if o.foreground:
-        return _deliver_now(qid, cfg, log)
-    _deliver_detached(qid, cfg, log)
-    return EX_OK
+    finally:
+        if early is not None:
+            os.close(early)  # the child reads EOF: nothing to deliver, it exits
 
 
 def _deliver_now(qid: str, cfg: Config, log: Log) -> int:
@@ -305,6 +317,100 @@ def _deliver_now(qid: str, cfg: Config, log: Log) -> int:
     return EX_OK
 
 
+def _warm_modules(o: Options, cfg: Config) -> tuple[str, ...]:
+    """What the delivery will import, for the early child to load while the message is
+    spooled.  Only what the recipients known now need: loading SMTP, TLS and DNS for a
+    local mailbox would delay that delivery instead.  A wrong guess costs only time; the
+    delivery imports whatever it needs itself (a local name aliased to a remote address
+    loads SMTP then, as before)."""
+    mods: tuple[str, ...] = ("dma.queue", "dma.local")
+    if o.from_headers or cfg.nullclient or any("@" in r for r in o.recipients):
+        mods += ("dma.smtp", "dma.auth")
+        if not cfg.smarthost:
+            mods += ("dns.resolver", "dns.nameserver")  # MX lookups
+    return mods
+
+
+def _start_delivery_child(cfg: Config, log: Log, modules: Sequence[str]) -> int | None:
+    """Fork the detached delivery now; returns the pipe on which it waits for the queue
+    id, or None when it cannot be started (the delivery is then forked after the commit,
+    as without this head start)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        rfd, wfd = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        return None
+    if pid:
+        os.close(rfd)
+        return wfd
+    status = EX_OK
+    try:
+        os.close(wfd)  # else the child would never see EOF when the parent dies
+        _detach(log)
+        for name in modules:
+            try:
+                __import__(name)
+            except BaseException:  # noqa: BLE001 - the delivery imports it again and says why
+                pass
+        qid = _read_queue_id(rfd)
+        if qid:
+            _deliver_in_child(qid, cfg, log)
+    except BaseException as e:  # noqa: BLE001 - the child must always exit here
+        log.error(f"delivery process crashed: {e!r}; the message stays queued")
+        status = EX_SOFTWARE
+    finally:
+        os._exit(status)
+
+
+def _read_queue_id(fd: int) -> str:
+    """The queue id the parent writes once the message is committed, or "" for nothing to
+    deliver (end of file: the submission failed, was dropped, or the parent died)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 256)
+        if not chunk:
+            return ""
+        data += chunk
+    return data[:-1].decode("ascii", "replace")
+
+
+def _hand_over(wfd: int, qid: str, log: Log) -> None:
+    """Give the committed message's id to the waiting delivery child."""
+    try:
+        os.write(wfd, f"{qid}\n".encode())
+    except OSError as e:
+        log.warning(f"{qid}: cannot start delivery ({e.strerror}); it stays queued")
+    finally:
+        os.close(wfd)
+
+
+def _detach(log: Log) -> None:
+    """Leave the caller's session and let go of its terminal and pipes, so that cron and
+    mail clients are not kept waiting for the delivery (and stdin is the parent's alone)."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    log.verbose = False
+
+
+def _deliver_in_child(qid: str, cfg: Config, log: Log) -> None:
+    if _deliver_now(qid, cfg, log) == EX_TEMPFAIL:
+        from dma import hostsetup, queue
+        from dma.spool import Spool
+
+        if not hostsetup.runner_installed():
+            queue.retry_until_done(Spool(cfg.spooldir), qid, cfg, log)
+
+
 def _deliver_detached(qid: str, cfg: Config, log: Log) -> None:
     """The caller has its answer (the message is durable); the first attempt runs in a
     child that has left the caller's session and closed the caller's pipes, so cron and
@@ -320,18 +426,8 @@ def _deliver_detached(qid: str, cfg: Config, log: Log) -> None:
         return
     status = EX_OK
     try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        log.verbose = False
-        if _deliver_now(qid, cfg, log) == EX_TEMPFAIL:
-            from dma import hostsetup, queue
-            from dma.spool import Spool
-
-            if not hostsetup.runner_installed():
-                queue.retry_until_done(Spool(cfg.spooldir), qid, cfg, log)
+        _detach(log)
+        _deliver_in_child(qid, cfg, log)
     except BaseException as e:  # noqa: BLE001 - the child must always exit here
         log.error(f"{qid}: delivery attempt crashed: {e!r}; the message stays queued")
         status = EX_SOFTWARE
