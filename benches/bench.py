@@ -633,7 +633,7 @@ def case_raw(ctx: Ctx) -> Json:
                 st = stats(tcp[sk.name])
                 out[key][str(size_mb)] = st
                 print(row(f"{size_mb} MB one DATA into {sk.name}", st) +
-                      f"  ({size_mb / float(st['median']):.0f} MB/s)", flush=True)
+                      f"  ({size_mb / statistics.median(tcp[sk.name]):.0f} MB/s)", flush=True)
         # Spool write throughput (issue 2): -bq of 100 MB, ours vs C dma vs dd.
         msg = B.message_path(100 * MiB)
 
@@ -663,7 +663,8 @@ def case_raw(ctx: Ctx) -> Json:
 
 def find_cell(res: Json, size: int, n: int, key: str = "cells") -> Json | None:
     """Case 2's cell (``key="reference"``: the one measured against smtp-sink)."""
-    for c in res.get("cases", {}).get("2_large", {}).get(key, []):
+    cells: list[Json] = res.get("cases", {}).get("2_large", {}).get(key, [])
+    for c in cells:
         if c.get("size_mb") == size and c.get("rcpts") == n and "error" not in c:
             return c
     return None

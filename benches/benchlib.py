@@ -439,13 +439,15 @@ class FastSink(SmtpSink):
     name = "fastsink"
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None,
-                 verify: bool = False) -> None:
+                 verify: bool = False, size: bool = True) -> None:
         super().__init__(host, port)
         self.verify = verify
+        self.size = size
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         return ([sys.executable, str(BENCH / "fastsink.py"), f"{self.host}:{self.port}",
-                 *(["--verify"] if self.verify else [])], dict(os.environ))
+                 *(["--verify"] if self.verify else []),
+                 *([] if self.size else ["--no-size"])], dict(os.environ))
 
 
 class HashSink:

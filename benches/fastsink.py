@@ -124,8 +124,9 @@ class Conn:
 
 
 class Sink:
-    def __init__(self, host: str, port: int, verify: bool) -> None:
+    def __init__(self, host: str, port: int, verify: bool, size: bool = True) -> None:
         self.verify = verify
+        self.ehlo = EHLO if size else EHLO.replace(b"250-SIZE 0\r\n", b"")
         self.sel = selectors.DefaultSelector()
         self.lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,7 +177,10 @@ class Sink:
             c = Conn(sock)
             self.sel.register(sock, selectors.EVENT_READ, c)
             c.out += b"220 fastsink ESMTP\r\n"
-            self.flush(c)
+            try:
+                self.flush(c)
+            except OSError:
+                self.close(c)
 
     def close(self, c: Conn) -> None:
         if c.sock.fileno() < 0:
@@ -282,7 +286,7 @@ class Sink:
         verb = line.split(b" ", 1)[0].upper()
         if verb in (b"EHLO", b"LHLO"):
             c.mail, c.rcpts = False, 0
-            c.out += EHLO
+            c.out += self.ehlo
         elif verb == b"HELO":
             c.mail, c.rcpts = False, 0
             c.out += b"250 fastsink\r\n"
@@ -330,9 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("address", help="host:port to listen on (port 0: any free port)")
     ap.add_argument("--verify", action="store_true",
                     help="hash every message body (slower; for byte checks, not timing)")
+    ap.add_argument("--no-size", action="store_true",
+                    help="do not advertise SIZE (a client that sends SIZE= may first have to "
+                         "count the message's lines)")
     args = ap.parse_args(argv)
     host, _, port = args.address.rpartition(":")
-    sink = Sink(host.strip("[]") or "127.0.0.1", int(port), args.verify)
+    sink = Sink(host.strip("[]") or "127.0.0.1", int(port), args.verify, not args.no_size)
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)
