@@ -68,7 +68,9 @@ def test_the_delivery_starts_before_the_message_is_read(site: DmaSite) -> None:
         p.stdin.flush()
         assert wait_for(lambda: len(dma_processes(site)) == 2), dma_processes(site)
         (child,) = [pid for pid in dma_processes(site) if pid != p.pid]
-        assert session_of(child) == child != session_of(p.pid)  # left the caller's session
+        # It leaves the caller's session (right after the fork: wait for it).
+        assert wait_for(lambda: session_of(child) == child), session_of(child)
+        assert session_of(p.pid) != child
         assert wait_for(lambda: all(os.readlink(f"/proc/{child}/fd/{fd}") == os.devnull
                                     for fd in (0, 1, 2)))
         assert site.queue_ids() == [] and not site.mailbox().exists()

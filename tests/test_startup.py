@@ -81,6 +81,11 @@ def test_installed_launchers_are_ours(name: str) -> None:
     assert "import re" not in text
 
 
+def _reported(stderr: bytes) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
 def test_the_installed_sendmail_imports_nothing_heavy(tmp_path: Path) -> None:
     """The real program, as cron runs it: every module it imports, as Python reports them."""
     conf = tmp_path / "dma.conf"
@@ -88,13 +93,19 @@ def test_the_installed_sendmail_imports_nothing_heavy(tmp_path: Path) -> None:
                     f"LOGFILE {tmp_path / 'dma.log'}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(DMA_CONF=str(conf), PYTHONPROFILEIMPORTTIME="1")
-    proc = subprocess.run([_installed("sendmail"), "-bq", "root"], env=env, timeout=60,
+    launcher = _installed("sendmail")
+    proc = subprocess.run([launcher, "-bq", "root"], env=env, timeout=60,
                           input=b"Subject: hi\n\n" + b"x" * 1000 + b"\n", capture_output=True)
     assert proc.returncode == 0, proc.stderr
-    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines()
-                if line.startswith("import time:") and "|" in line}
+    imported = _reported(proc.stderr)
     assert "dma.submit" in imported  # the report is real
-    assert not imported & {*HEAVY, "re", "enum", "functools"}, sorted(imported)
+    # What the interpreter itself loads at start (site, and .pth files of whatever else is
+    # installed in that environment) is not ours to trim: only what our code adds counts.
+    interpreter = Path(launcher).read_text().splitlines()[0][2:].split()
+    bare = subprocess.run([*interpreter, "-c", "pass"], env=env, timeout=60,
+                          capture_output=True)
+    ours = imported - _reported(bare.stderr)
+    assert not ours & {*HEAVY, "re", "enum", "functools"}, sorted(ours)
     assert len(os.listdir(tmp_path / "spool" / "queue")) == 1
 
 

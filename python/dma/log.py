@@ -7,11 +7,13 @@ A ``Log`` is created by the CLI (or ``dma.send``) and passed down; there is no g
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import time
 
 _SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")
+_REOPEN_AFTER = 1.0
 
 
 class Log:
@@ -22,6 +24,9 @@ class Log:
         self.fallback_path = fallback_path
         if use_syslog is None:
             use_syslog = any(os.path.exists(p) for p in _SYSLOG_SOCKETS)
+        self._fd = (-1, 0.0)
+        self._pid = os.getpid()
+        self._lock = _thread.allocate_lock()  # threads delivering in parallel share the file
         self._syslog = None
         if use_syslog:
             try:
@@ -31,6 +36,22 @@ class Log:
                 self._syslog = syslog
             except Exception:  # noqa: BLE001 - logging must never fail the caller
                 self._syslog = None
+
+    def _file(self) -> int:
+        """The log file, opened again when the last opening is over a second old: a queue
+        run writes a line per message without reopening, and a rotated file is let go of
+        soon."""
+        now = time.monotonic()
+        fd, since = self._fd
+        if fd >= 0 and now - since < _REOPEN_AFTER and os.getpid() == self._pid:
+            return fd
+        if fd >= 0:
+            os.close(fd)
+        assert self.fallback_path is not None
+        fd = os.open(self.fallback_path,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self._fd, self._pid = (fd, now), os.getpid()
+        return fd
 
     @property
     def destination(self) -> str:
@@ -50,12 +71,8 @@ class Log:
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 text = f"{stamp} {self.ident}[{os.getpid()}]: {level}: {line}\n"
                 # One write with O_APPEND: lines of concurrent processes never interleave.
-                fd = os.open(self.fallback_path,
-                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                try:
-                    os.write(fd, text.encode("utf-8", "replace"))
-                finally:
-                    os.close(fd)
+                with self._lock:
+                    os.write(self._file(), text.encode("utf-8", "replace"))
         except Exception:  # noqa: BLE001
             pass
         if self.verbose or (self._syslog is None and not self.fallback_path):

@@ -243,7 +243,7 @@ def _conclude(c: _Claimed, outcomes: list[Outcome], config: Config, log: Log) ->
         if all(o.status == "delivered" for o in outcomes) and all(
                 c.states[r].status == "delivered" for r in c.env.recipients
                 if r not in {o.recipient for o in outcomes}):
-            c.spool.remove(c.queue_id)
+            c.spool.remove(c.queue_id, held=False)
             return None
         for o in outcomes:
             _journal(c, o, log)

@@ -1147,9 +1147,12 @@ def wire_size(msg: MessageLike) -> int:
     return total
 
 
+_UNSENDABLE = re.compile(r"[\x00-\x1f<>]")
+
+
 def _encode_address(addr: str) -> tuple[bytes, bool]:
     """(bytes for MAIL/RCPT, needs SMTPUTF8).  ValueError for what cannot be sent."""
-    if any(c in addr for c in "\r\n\0<>") or any(ord(c) < 32 for c in addr):
+    if _UNSENDABLE.search(addr):
         raise ValueError(addr)
     if addr.isascii():
         return addr.encode("ascii"), False

@@ -370,10 +370,12 @@ class Spool:
         os.rename(self.path(qid, held=not to_hold), self.path(qid, held=to_hold))
         _fsync_dir(self.hold_dir if to_hold else self.queue_dir)
 
-    def remove(self, qid: str) -> None:
+    def remove(self, qid: str, *, held: bool | None = None) -> None:
         """Remove a finished message: queue file first, so a crash leaves at most an orphan
-        journal (cleaned by :meth:`clean_debris`), never a message without its journal."""
-        for path in (self.path(qid), self.path(qid, held=True),
+        journal (cleaned by :meth:`clean_debris`), never a message without its journal.
+        ``held`` says where the message is, when known."""
+        places = (False, True) if held is None else (held,)
+        for path in (*(self.path(qid, held=h) for h in places),
                      os.path.join(self.journal_dir, qid)):
             try:
                 os.unlink(path)
