@@ -1108,10 +1108,10 @@ def _log_attempt(log: Log, queue_id: str, outs: list[Outcome], relay: str, tls_v
         groups: dict[tuple[str, str], list[str]] = {}
         for o in outs:
             groups.setdefault((o.status, o.reply), []).append(o.recipient)
-        to = ",".join(f"<{o.recipient}>" for o in outs)
-        tls = tls_version + (f" ({note})" if note else "")
+        to = ",".join([f"<{o.recipient}>" for o in outs])
+        tls = f"{tls_version} ({note})" if note else tls_version
         if len(groups) == 1:
-            (status, reply), _ = next(iter(groups.items()))
+            status, reply = outs[0].status, outs[0].reply
             state = f"status={status} ({reply})"
         else:
             state = "status=mixed: " + "; ".join(

@@ -301,8 +301,11 @@ class Spool:
         import json
 
         states = {r: RecipientState(r) for r in envelope.recipients}
+        path = os.path.join(self.journal_dir, envelope.id)
+        if not os.path.exists(path):
+            return states  # the common case, without the cost of a raised FileNotFoundError
         try:
-            with open(os.path.join(self.journal_dir, envelope.id), "rb") as f:
+            with open(path, "rb") as f:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return states
