@@ -639,13 +639,15 @@ impl Normalizer {
     }
 }
 
-/// Running statistics of message bytes: size, CRC-32, 8-bit content, longest line.
+/// Running statistics of message bytes: size, CRC-32, 8-bit content, longest line, number of
+/// LFs.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     size: u64,
     eight_bit: bool,
     max_line: u64,
     cur_line: u64,
+    lines: u64,
     crc: crc32fast::Hasher,
 }
 
@@ -666,17 +668,21 @@ impl Stats {
         if !self.eight_bit {
             self.eight_bit = has_8bit(data);
         }
+        // One pass over the LFs gives both the longest line and the LF count.
         let mut start = 0usize;
         let mut cur = self.cur_line;
         let mut max = self.max_line;
+        let mut lines = 0u64;
         for_each_lf(data, |nl| {
             max = max.max(cur + (nl - start) as u64);
             cur = 0;
             start = nl + 1;
+            lines += 1;
         });
         cur += (data.len() - start) as u64;
         self.cur_line = cur;
         self.max_line = max.max(cur);
+        self.lines += lines;
     }
 
     pub fn size(&self) -> u64 {
@@ -687,6 +693,10 @@ impl Stats {
     }
     pub fn max_line(&self) -> u64 {
         self.max_line
+    }
+    /// LF bytes seen (a final line without LF is not counted).
+    pub fn lines(&self) -> u64 {
+        self.lines
     }
     pub fn crc32(&self) -> u32 {
         self.crc.clone().finalize()
@@ -1331,6 +1341,7 @@ mod tests {
         s.update(b"gh\n\nxyz");
         assert_eq!(s.size(), 14);
         assert_eq!(s.max_line(), 6);
+        assert_eq!(s.lines(), 3);
         assert!(!s.eight_bit());
         assert_eq!(s.crc32(), crc32fast::hash(b"ab\ncdefgh\n\nxyz"));
         s.update(b"\x80");
@@ -1338,6 +1349,18 @@ mod tests {
         let mut t = Stats::new();
         t.update(&vec![b'x'; 10_000]);
         assert_eq!(t.max_line(), 10_000);
+        assert_eq!(t.lines(), 0);
+        // LFs at every position of the SIMD blocks and in the scalar tail.
+        let data: Vec<u8> = (0..1000u32)
+            .map(|i| if i % 7 == 0 { b'\n' } else { b'a' })
+            .collect();
+        let want = data.iter().filter(|&&b| b == b'\n').count() as u64;
+        for cut in [0, 1, 31, 32, 33, 999, 1000] {
+            let mut u = Stats::new();
+            u.update(&data[..cut]);
+            u.update(&data[cut..]);
+            assert_eq!(u.lines(), want, "cut {cut}");
+        }
     }
 }
 

@@ -113,6 +113,12 @@ impl SpoolWriter {
     pub fn max_line(&self) -> u64 {
         self.stats.max_line()
     }
+    /// LF bytes in the message part written so far (counted in the same pass that finds the
+    /// longest line). Complete once `stream_rest` has returned: before that, output still
+    /// buffered is not counted. A last line without LF is not counted.
+    pub fn lines(&self) -> u64 {
+        self.stats.lines()
+    }
     pub fn crc32(&self) -> u32 {
         self.stats.crc32()
     }
@@ -461,7 +467,7 @@ mod tests {
         let head = retry(|| w.read_head(limit)).unwrap();
         w.write_head(&head).unwrap();
         retry(|| w.stream_rest()).unwrap();
-        let (size, eb, ml) = (w.size(), w.eight_bit(), w.max_line());
+        let (size, eb, ml, lines) = (w.size(), w.eight_bit(), w.max_line(), w.lines());
         let dest = t.path().join("dest");
         w.commit(b"{\"v\":1}", Some(&dest)).unwrap();
         assert!(!tmp.exists());
@@ -473,7 +479,84 @@ mod tests {
         assert_eq!(m.envelope(), b"{\"v\":1}");
         let stored = m.read_all().unwrap();
         assert_eq!(stored.len() as u64, size);
+        assert_eq!(lines, count_lf(&stored));
         (head, stored, size, eb, ml)
+    }
+
+    fn count_lf(data: &[u8]) -> u64 {
+        data.iter().filter(|&&b| b == b'\n').count() as u64
+    }
+
+    /// Stream `input` from a regular file (each read returns a whole `CHUNK`) without a head
+    /// step; returns (stored message, lines).
+    fn submit_file(input: &[u8], dot_ends: bool) -> (Vec<u8>, u64) {
+        let t = TempDir::new();
+        let inp = Input::file(t.path(), input);
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), dot_ends).unwrap();
+        retry(|| w.stream_rest()).unwrap();
+        let lines = w.lines();
+        let dest = t.path().join("q");
+        w.commit(b"{}", Some(&dest)).unwrap();
+        let stored = MessageFile::open(&dest).unwrap().read_all().unwrap();
+        assert_eq!(lines, count_lf(&stored));
+        (stored, lines)
+    }
+
+    #[test]
+    fn lines_counted() {
+        // CRLF input: one LF per CRLF; a bare CR is no line end.
+        let (_, stored, ..) = submit(b"A: 1\r\n\r\nx\ry\r\nz\r\n", true, 1 << 20);
+        assert_eq!(stored, b"A: 1\n\nx\ry\nz\n");
+        assert_eq!(submit_file(b"A: 1\r\n\r\nx\ry\r\nz\r\n", true).1, 4);
+        // bare LF
+        assert_eq!(submit_file(b"a\nb\n\nc\n", true).1, 4);
+        // no final newline: the last line is not an LF
+        assert_eq!(
+            submit_file(b"a\r\nb\r\nlast", true),
+            (b"a\nb\nlast".to_vec(), 2)
+        );
+        assert_eq!(submit_file(b"a\nlast\r", false), (b"a\nlast\r".to_vec(), 1));
+        // -i off (dot_ends): input ends at a lone ".", which is not stored
+        assert_eq!(
+            submit_file(b"a\r\nb\r\n.\r\nafter\n", true),
+            (b"a\nb\n".to_vec(), 2)
+        );
+        assert_eq!(submit_file(b"a\nb\n.", true), (b"a\nb\n".to_vec(), 2));
+        assert_eq!(submit_file(b"a\nb\n.\n", true), (b"a\nb\n".to_vec(), 2));
+        // ... and with -i the dot line is data
+        assert_eq!(submit_file(b"a\n.\nb\n", false).1, 3);
+        // empty message, and one that is only the lone dot
+        assert_eq!(submit_file(b"", true), (Vec::new(), 0));
+        assert_eq!(submit_file(b".\r\n", true), (Vec::new(), 0));
+        let (_, stored, ..) = submit(b"", true, 1 << 20);
+        assert!(stored.is_empty());
+    }
+
+    #[test]
+    fn lines_across_read_chunks() {
+        // Lines split across the 1 MiB reads of a regular file: a CRLF whose CR ends one read
+        // and whose LF starts the next, a line spanning a whole read, and an LF as the last
+        // byte of a read; then the same through a pipe (4093-byte writes).
+        let mut input = vec![b'x'; CHUNK - 1];
+        input.extend_from_slice(b"\r\n");
+        input.extend(std::iter::repeat_n(b'y', CHUNK + 10));
+        input.extend_from_slice(b"\r\n");
+        let pad = 3 * CHUNK - 1 - input.len();
+        input.extend(std::iter::repeat_n(b'z', pad));
+        input.push(b'\n');
+        let mut i = 0u32;
+        while input.len() < 5 * CHUNK {
+            input.extend_from_slice(format!("short line {i}\r\n").as_bytes());
+            i += 1;
+        }
+        input.extend_from_slice(b"tail");
+        let want_lf = 3 + u64::from(i);
+        let (stored, lines) = submit_file(&input, true);
+        assert_eq!(lines, want_lf);
+        assert_eq!(stored.len(), input.len() - (want_lf as usize - 1));
+        let (_, stored_pipe, ..) = submit(&input, true, 1 << 20);
+        assert!(stored_pipe == stored);
     }
 
     #[test]
