@@ -7,7 +7,9 @@
 //!    `flock(LOCK_EX)` on that descriptor, held until commit/abort/drop. Crash from here until
 //!    the rename in `commit`: `tmp/ID` debris, which queue runs delete. The kernel drops the
 //!    lock of a dead process, so debris is unlocked while a live writer's file is locked.
-//! 2. `read_head` / `write_head` / `stream_rest` fill the message part.
+//! 2. `read_head` / `write_head` / `stream_rest` fill the message part. Every
+//!    `WRITEBACK_CHUNK` bytes, writeback of what was written is started (a hint to the
+//!    kernel, Linux only; durability still rests on the fsync in `commit` alone).
 //! 3. `commit(envelope, Some(queue/ID))` appends envelope and footer, fsyncs the file, renames
 //!    it to `queue/ID` without replacing anything, then fsyncs `queue/` and `tmp/`, then
 //!    unlocks and closes. Crash after the rename: a complete message. If anything fails after
@@ -36,6 +38,12 @@ use std::path::{Path, PathBuf};
 
 /// Size of one read from the input and of one write to the spool file.
 pub const CHUNK: usize = 1 << 20;
+
+/// Writeback of the message is started every time this many bytes have been written since
+/// the last start (see `io::start_writeback`), so that the commit's `fsync` waits for the
+/// tail only instead of the whole message. Measured on ext4 (70 MB, stream + commit,
+/// medians): none 114 ms, 1 MiB 82, 2 MiB 71, 4 MiB 71, 8 MiB 75, 16 MiB 92.
+pub const WRITEBACK_CHUNK: u64 = 4 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -66,6 +74,10 @@ pub struct SpoolWriter {
     stats: Stats,
     phase: Phase,
     creator: u32,
+    /// Writeback has been started for the file's bytes before this offset.
+    wb_start: u64,
+    /// Start writeback every this many bytes; 0 once the file system refused.
+    wb_chunk: u64,
 }
 
 impl SpoolWriter {
@@ -97,6 +109,8 @@ impl SpoolWriter {
             stats: Stats::new(),
             phase: Phase::Fresh,
             creator: std::process::id(),
+            wb_start: 0,
+            wb_chunk: WRITEBACK_CHUNK,
         })
     }
 
@@ -185,7 +199,25 @@ impl SpoolWriter {
             .map_err(|e| CoreError::io(e, &self.path))?;
         self.stats.update(&self.out);
         self.out.clear();
+        self.writeback();
         Ok(())
+    }
+
+    /// Start writeback of what was written since the last start, once that is at least
+    /// `wb_chunk` bytes. A hint: its failure is never an error (fsync decides durability).
+    fn writeback(&mut self) {
+        let end = self.stats.size();
+        if self.wb_chunk == 0 || end - self.wb_start < self.wb_chunk {
+            return;
+        }
+        let Some(file) = self.file.as_ref() else {
+            return;
+        };
+        match io::start_writeback(file.as_raw_fd(), self.wb_start, end - self.wb_start) {
+            io::Writeback::Started => self.wb_start = end,
+            io::Writeback::Skipped => {}
+            io::Writeback::Unsupported => self.wb_chunk = 0,
+        }
     }
 
     /// The head block of the input, CRLF -> LF: up to and including the first empty line, or
