@@ -141,6 +141,33 @@ pub fn fdatasync_fd(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Best effort: if `fd` is a pipe (or FIFO), grow its buffer to `size` bytes so that one
+/// `read(2)` can return that much (Linux `F_SETPIPE_SZ`; a default pipe holds 64 KiB, so
+/// reading a large message from it takes a read, and a wake-up of the writer, per 64 KiB).
+/// Never fails: an unprivileged caller over `/proc/sys/fs/pipe-max-size` or its pipe-buffer
+/// quota (EPERM), a pipe already larger, or another system keeps its pipe as it is.
+pub fn grow_pipe(fd: RawFd, size: usize) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: fstat into a zeroed stat buffer; fcntl on an integer descriptor.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+                return;
+            }
+            let Ok(size) = libc::c_int::try_from(size) else {
+                return;
+            };
+            let cur = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+            if cur >= 0 && cur < size {
+                libc::fcntl(fd, libc::F_SETPIPE_SZ, size);
+            }
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (fd, size);
+}
+
 /// What `start_writeback` achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Writeback {
@@ -418,6 +445,33 @@ mod tests {
         // SAFETY: querying the offset of a valid fd.
         let off = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_CUR) };
         assert_eq!(off, 0);
+    }
+
+    #[test]
+    fn grow_pipe_only_grows_pipes() {
+        let mut fds = [0; 2];
+        // SAFETY: valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        grow_pipe(fds[0], 1 << 20);
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            // SAFETY: fcntl on our pipe.
+            let sz = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+            // 1 MiB unless this user is over its pipe-buffer quota; never smaller than before
+            assert!(sz >= 65536, "{sz}");
+        }
+        assert_eq!(write_fd(fds[1], b"abc").unwrap(), 3);
+        let mut buf = [0u8; 8];
+        assert_eq!(read_fd(fds[0], &mut buf).unwrap(), 3);
+        // SAFETY: closing our pipe.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        // not a pipe, not open: nothing happens
+        let t = TempDir::new();
+        let f = create_excl(&t.path().join("f")).unwrap();
+        grow_pipe(f.as_raw_fd(), 1 << 20);
+        grow_pipe(1_000_000, 1 << 20);
     }
 
     #[test]

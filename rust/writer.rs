@@ -7,7 +7,8 @@
 //!    `flock(LOCK_EX)` on that descriptor, held until commit/abort/drop. Crash from here until
 //!    the rename in `commit`: `tmp/ID` debris, which queue runs delete. The kernel drops the
 //!    lock of a dead process, so debris is unlocked while a live writer's file is locked.
-//! 2. `read_head` / `write_head` / `stream_rest` fill the message part. Every
+//! 2. `read_head` / `write_head` / `stream_rest` fill the message part (an input pipe is first
+//!    grown to `CHUNK` bytes where the system allows, so that reads from it are as large). Every
 //!    `WRITEBACK_CHUNK` bytes, writeback of what was written is started (a hint to the
 //!    kernel, Linux only; durability still rests on the fsync in `commit` alone).
 //! 3. `commit(envelope, Some(queue/ID))` appends envelope and footer, fsyncs the file, renames
@@ -89,6 +90,9 @@ impl SpoolWriter {
             )));
         }
         let file = io::create_excl(path).map_err(|e| CoreError::io(e, path))?;
+        // Reads of CHUNK bytes from a pipe too (a 64 KiB pipe made 70 MB take 1,070 reads and
+        // writer wake-ups: stream 72 -> 63 ms).
+        io::grow_pipe(input, CHUNK);
         // Locked from the start, on the writing descriptor: a queue runner's
         // flock(LOCK_EX|LOCK_NB) on its own descriptor fails while this writer lives.
         if let Err(e) = io::flock(file.as_raw_fd(), libc::LOCK_EX) {
