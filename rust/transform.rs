@@ -487,11 +487,28 @@ impl Normalizer {
     /// Normalise `input` into `out`; returns the number of bytes consumed. Once finished,
     /// everything offered is consumed and dropped (text after the lone dot is not message).
     pub fn feed(&mut self, input: &[u8], eof: bool, out: &mut Vec<u8>) -> usize {
+        out.reserve(input.len());
+        self.feed_ranges(input, eof, |r| out.extend_from_slice(&input[r]))
+    }
+
+    /// `feed`, with the output given as ranges of `input`, in order (the output is always made
+    /// of pieces of the input): `emit` is called for each non-empty one. Lets a caller write
+    /// an unchanged run straight from its input buffer instead of copying it.
+    pub fn feed_ranges(
+        &mut self,
+        input: &[u8],
+        eof: bool,
+        mut emit: impl FnMut(std::ops::Range<usize>),
+    ) -> usize {
         if self.finished {
             return input.len();
         }
         let len = input.len();
-        out.reserve(len);
+        let mut out = |r: std::ops::Range<usize>| {
+            if !r.is_empty() {
+                emit(r)
+            }
+        };
         // input[run..] is not copied yet; `pos` is the start of the current line.
         let mut run = 0usize;
         let mut pos = 0usize;
@@ -505,13 +522,13 @@ impl Normalizer {
             if dot_ends && at_start && input[pos] == b'.' {
                 let line = &input[pos..nl];
                 if line == b"." || line == b".\r" {
-                    out.extend_from_slice(&input[run..pos]);
+                    out(run..pos);
                     end = Some(nl + 1);
                     return;
                 }
             }
             if nl > pos && input[nl - 1] == b'\r' {
-                out.extend_from_slice(&input[run..nl - 1]);
+                out(run..nl - 1);
                 run = nl; // the LF starts the next run
             }
             pos = nl + 1;
@@ -527,7 +544,7 @@ impl Normalizer {
         if dot_ends && at_start {
             match dot_line(tail, eof) {
                 Dot::End(n) => {
-                    out.extend_from_slice(&input[run..pos]);
+                    out(run..pos);
                     self.finished = true;
                     return pos + n;
                 }
@@ -538,7 +555,7 @@ impl Normalizer {
         if stop == len && !eof && tail.last() == Some(&b'\r') {
             stop = len - 1; // its LF may come with the next read
         }
-        out.extend_from_slice(&input[run..stop]);
+        out(run..stop);
         if stop > pos {
             at_start = false;
         }

@@ -40,6 +40,10 @@ use std::path::{Path, PathBuf};
 /// Size of one read from the input and of one write to the spool file.
 pub const CHUNK: usize = 1 << 20;
 
+/// Output of at least this many bytes that is an unchanged run of the input is written from
+/// the input buffer rather than copied to the output buffer first.
+const DIRECT_MIN: usize = CHUNK / 2;
+
 /// Writeback of the message is started every time this many bytes have been written since
 /// the last start (see `io::start_writeback`), so that the commit's `fsync` waits for the
 /// tail only instead of the whole message. Measured on ext4 (70 MB, stream + commit,
@@ -192,19 +196,63 @@ impl SpoolWriter {
         if self.out.is_empty() {
             return Ok(());
         }
-        if self.stats.size() + self.out.len() as u64 > MAX_MSG_LEN {
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_out(&out);
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Write `data` to the message part and account for it.
+    fn write_out(&mut self, data: &[u8]) -> Result<()> {
+        if self.stats.size() + data.len() as u64 > MAX_MSG_LEN {
             return Err(CoreError::errno(libc::EFBIG, &self.path));
         }
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| CoreError::usage("SpoolWriter: file is closed"))?;
-        file.write_all(&self.out)
+        file.write_all(data)
             .map_err(|e| CoreError::io(e, &self.path))?;
-        self.stats.update(&self.out);
-        self.out.clear();
+        self.stats.update(data);
         self.writeback();
         Ok(())
+    }
+
+    /// Normalise the buffered input. The output of one call is a few ranges of the input
+    /// (one when it needs no change, as LF-only text); a single range of at least
+    /// `DIRECT_MIN` bytes with nothing buffered before it is written straight from the input
+    /// buffer, other output is collected in `out`.
+    fn normalise(&mut self) -> Result<()> {
+        let input = &self.inbuf[self.start..self.end];
+        let out = &mut self.out;
+        let mut single = None;
+        let n = self.norm.feed_ranges(input, self.eof, |r| {
+            if single.is_none() && out.is_empty() {
+                single = Some(r);
+            } else {
+                if let Some(first) = single.take() {
+                    out.extend_from_slice(&input[first]);
+                }
+                out.extend_from_slice(&input[r]);
+            }
+        });
+        let base = self.start;
+        self.start += n;
+        match single {
+            Some(r) if r.len() >= DIRECT_MIN => {
+                let inbuf = std::mem::take(&mut self.inbuf);
+                let res = self.write_out(&inbuf[base + r.start..base + r.end]);
+                self.inbuf = inbuf;
+                res
+            }
+            Some(r) => {
+                self.out
+                    .extend_from_slice(&self.inbuf[base + r.start..base + r.end]);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Start writeback of what was written since the last start, once that is at least
@@ -275,10 +323,8 @@ impl SpoolWriter {
             _ => return Err(self.order_error("stream_rest")),
         }
         loop {
-            let n = self
-                .norm
-                .feed(&self.inbuf[self.start..self.end], self.eof, &mut self.out);
-            self.start += n;
+            let r = self.normalise();
+            self.check(r)?;
             if self.norm.finished() || self.out.len() >= CHUNK {
                 let r = self.flush();
                 self.check(r)?;
@@ -779,6 +825,76 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        w.abort().unwrap();
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn unchanged_runs_written_from_input_buffer() {
+        // LF-only text from a regular file: whole reads pass through unchanged (written from
+        // the input buffer); a head written first, a CRLF and a lone dot late in the input
+        // switch back to copying.
+        let mut body = Vec::new();
+        let mut i = 0u32;
+        while body.len() < 3 * CHUNK + 12_345 {
+            body.extend_from_slice(format!("line {i} .x\n..dot\n").as_bytes());
+            i += 1;
+        }
+        let mut input = b"Subject: big\n\n".to_vec();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"crlf\r\n.\r\nnot message\n");
+        let mut want = b"Subject: big\n\n".to_vec();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(b"crlf\n");
+        for dot_ends in [true, false] {
+            let t = TempDir::new();
+            let inp = Input::file(t.path(), &input);
+            let tmp = t.path().join("tmp");
+            let mut w = SpoolWriter::create(&tmp, inp.fd(), dot_ends).unwrap();
+            let head = retry(|| w.read_head(1 << 20)).unwrap();
+            assert_eq!(head, b"Subject: big\n\n");
+            w.write_head(&head).unwrap();
+            retry(|| w.stream_rest()).unwrap();
+            let (size, lines, ml) = (w.size(), w.lines(), w.max_line());
+            let dest = t.path().join("q");
+            w.commit(b"{}", Some(&dest)).unwrap();
+            let m = MessageFile::open(&dest).unwrap();
+            m.verify().unwrap();
+            let stored = m.read_all().unwrap();
+            let want: Vec<u8> = if dot_ends {
+                want.clone()
+            } else {
+                let mut n = Normalizer::new(false);
+                let mut out = Vec::new();
+                n.feed(&input, true, &mut out);
+                out
+            };
+            assert!(stored == want, "dot_ends {dot_ends}");
+            assert_eq!(size, want.len() as u64);
+            assert_eq!(lines, count_lf(&want));
+            assert_eq!(ml, m.max_line());
+        }
+    }
+
+    #[test]
+    fn direct_write_error_is_reported_with_path() {
+        let Ok(full) = File::options().write(true).open("/dev/full") else {
+            return;
+        };
+        let t = TempDir::new();
+        let inp = Input::file(t.path(), &b"0123456789\n".repeat(300_000));
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        w.file = Some(full);
+        let e = retry(|| w.stream_rest()).unwrap_err();
+        match e {
+            CoreError::Io { source, path } => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+                assert_eq!(path.as_deref(), Some(tmp.as_path()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
         w.abort().unwrap();
         assert!(!tmp.exists());
     }
