@@ -66,6 +66,12 @@ impl SpoolWriter {
         self.inner.max_line()
     }
 
+    /// LF bytes in the stored message part; complete once `stream_rest()` has returned.
+    #[getter]
+    fn lines(&self) -> u64 {
+        self.inner.lines()
+    }
+
     #[pyo3(signature = (limit = 1048576))]
     fn read_head<'py>(&mut self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyBytes>> {
         let inner = &mut self.inner;

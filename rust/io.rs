@@ -141,6 +141,82 @@ pub fn fdatasync_fd(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Best effort: if `fd` is a pipe (or FIFO), grow its buffer to `size` bytes so that one
+/// `read(2)` can return that much (Linux `F_SETPIPE_SZ`; a default pipe holds 64 KiB, so
+/// reading a large message from it takes a read, and a wake-up of the writer, per 64 KiB).
+/// Never fails: an unprivileged caller over `/proc/sys/fs/pipe-max-size` or its pipe-buffer
+/// quota (EPERM), a pipe already larger, or another system keeps its pipe as it is.
+pub fn grow_pipe(fd: RawFd, size: usize) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: fstat into a zeroed stat buffer; fcntl on an integer descriptor.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+                return;
+            }
+            let Ok(size) = libc::c_int::try_from(size) else {
+                return;
+            };
+            let cur = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+            if cur >= 0 && cur < size {
+                libc::fcntl(fd, libc::F_SETPIPE_SZ, size);
+            }
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (fd, size);
+}
+
+/// What `start_writeback` achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writeback {
+    /// Writeback of the range was started (or the range had nothing dirty).
+    Started,
+    /// Not this time (interrupted by a signal); later calls may succeed.
+    Skipped,
+    /// The file (or system) cannot do it, or it failed: do not ask again. Never an error of
+    /// the data itself: `fsync` alone decides whether the data is durable.
+    Unsupported,
+}
+
+/// Ask the kernel to start writing `len` bytes at `offset` of `fd` to the disk now, without
+/// waiting for them (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing). A
+/// hint only: the later `fsync` then has only the rest to wait for.
+///
+/// Only `SYNC_FILE_RANGE_WRITE` is used, never the WAIT flags: waiting consumes the file's
+/// writeback-error mark, and an I/O error seen (and ignored) here would then not be reported
+/// by the `fsync` that decides durability. Starting writeback leaves that mark alone, so an
+/// error of these pages still reaches `fsync`.
+pub fn start_writeback(fd: RawFd, offset: u64, len: u64) -> Writeback {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Writeback::Unsupported;
+        };
+        // SAFETY: plain syscall on an integer descriptor; no memory is passed.
+        let rc = unsafe { libc::sync_file_range(fd, off, n, libc::SYNC_FILE_RANGE_WRITE) };
+        if rc == 0 {
+            return Writeback::Started;
+        }
+        match last_err().raw_os_error() {
+            Some(libc::EINTR) => Writeback::Skipped,
+            // EINVAL (file system without it, bad flags), ENOSYS (no such call), ESPIPE (not
+            // a regular file) and anything else (EIO, ENOMEM, ...): stop hinting; fsync
+            // reports what matters.
+            _ => Writeback::Unsupported,
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = (fd, offset, len);
+        Writeback::Unsupported
+    }
+}
+
 /// The directory a path lives in ("." for a bare name).
 pub fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
@@ -369,6 +445,62 @@ mod tests {
         // SAFETY: querying the offset of a valid fd.
         let off = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_CUR) };
         assert_eq!(off, 0);
+    }
+
+    #[test]
+    fn grow_pipe_only_grows_pipes() {
+        let mut fds = [0; 2];
+        // SAFETY: valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        grow_pipe(fds[0], 1 << 20);
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            // SAFETY: fcntl on our pipe.
+            let sz = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+            // 1 MiB unless this user is over its pipe-buffer quota; never smaller than before
+            assert!(sz >= 65536, "{sz}");
+        }
+        assert_eq!(write_fd(fds[1], b"abc").unwrap(), 3);
+        let mut buf = [0u8; 8];
+        assert_eq!(read_fd(fds[0], &mut buf).unwrap(), 3);
+        // SAFETY: closing our pipe.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        // not a pipe, not open: nothing happens
+        let t = TempDir::new();
+        let f = create_excl(&t.path().join("f")).unwrap();
+        grow_pipe(f.as_raw_fd(), 1 << 20);
+        grow_pipe(1_000_000, 1 << 20);
+    }
+
+    #[test]
+    fn start_writeback_is_a_hint() {
+        let t = TempDir::new();
+        let path = t.path().join("f");
+        let mut f = create_excl(&path).unwrap();
+        f.write_all(&[b'x'; 3 << 20]).unwrap();
+        let fd = f.as_raw_fd();
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            assert_eq!(start_writeback(fd, 0, 1 << 20), Writeback::Started);
+            assert_eq!(start_writeback(fd, 1 << 20, 2 << 20), Writeback::Started);
+            // past the end: nothing to do, not an error
+            assert_eq!(start_writeback(fd, 8 << 20, 1 << 20), Writeback::Started);
+        }
+        fsync_fd(fd).unwrap();
+        // a pipe (ESPIPE), a closed descriptor, a negative offset: never more than a refusal
+        let mut fds = [0; 2];
+        // SAFETY: valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        assert_eq!(start_writeback(fds[1], 0, 4096), Writeback::Unsupported);
+        // SAFETY: closing our pipe.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        assert_eq!(start_writeback(1_000_000, 0, 4096), Writeback::Unsupported);
+        assert_eq!(start_writeback(fd, u64::MAX, 1), Writeback::Unsupported);
+        assert_eq!(std::fs::read(&path).unwrap().len(), 3 << 20);
     }
 
     #[test]

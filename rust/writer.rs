@@ -7,7 +7,10 @@
 //!    `flock(LOCK_EX)` on that descriptor, held until commit/abort/drop. Crash from here until
 //!    the rename in `commit`: `tmp/ID` debris, which queue runs delete. The kernel drops the
 //!    lock of a dead process, so debris is unlocked while a live writer's file is locked.
-//! 2. `read_head` / `write_head` / `stream_rest` fill the message part.
+//! 2. `read_head` / `write_head` / `stream_rest` fill the message part (an input pipe is first
+//!    grown to `CHUNK` bytes where the system allows, so that reads from it are as large). Every
+//!    `WRITEBACK_CHUNK` bytes, writeback of what was written is started (a hint to the
+//!    kernel, Linux only; durability still rests on the fsync in `commit` alone).
 //! 3. `commit(envelope, Some(queue/ID))` appends envelope and footer, fsyncs the file, renames
 //!    it to `queue/ID` without replacing anything, then fsyncs `queue/` and `tmp/`, then
 //!    unlocks and closes. Crash after the rename: a complete message. If anything fails after
@@ -36,6 +39,16 @@ use std::path::{Path, PathBuf};
 
 /// Size of one read from the input and of one write to the spool file.
 pub const CHUNK: usize = 1 << 20;
+
+/// Output of at least this many bytes that is an unchanged run of the input is written from
+/// the input buffer rather than copied to the output buffer first.
+const DIRECT_MIN: usize = CHUNK / 2;
+
+/// Writeback of the message is started every time this many bytes have been written since
+/// the last start (see `io::start_writeback`), so that the commit's `fsync` waits for the
+/// tail only instead of the whole message. Measured on ext4 (70 MB, stream + commit,
+/// medians): none 114 ms, 1 MiB 82, 2 MiB 71, 4 MiB 71, 8 MiB 75, 16 MiB 92.
+pub const WRITEBACK_CHUNK: u64 = 4 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -66,6 +79,10 @@ pub struct SpoolWriter {
     stats: Stats,
     phase: Phase,
     creator: u32,
+    /// Writeback has been started for the file's bytes before this offset.
+    wb_start: u64,
+    /// Start writeback every this many bytes; 0 once the file system refused.
+    wb_chunk: u64,
 }
 
 impl SpoolWriter {
@@ -77,6 +94,9 @@ impl SpoolWriter {
             )));
         }
         let file = io::create_excl(path).map_err(|e| CoreError::io(e, path))?;
+        // Reads of CHUNK bytes from a pipe too (a 64 KiB pipe made 70 MB take 1,070 reads and
+        // writer wake-ups: stream 72 -> 63 ms).
+        io::grow_pipe(input, CHUNK);
         // Locked from the start, on the writing descriptor: a queue runner's
         // flock(LOCK_EX|LOCK_NB) on its own descriptor fails while this writer lives.
         if let Err(e) = io::flock(file.as_raw_fd(), libc::LOCK_EX) {
@@ -97,6 +117,8 @@ impl SpoolWriter {
             stats: Stats::new(),
             phase: Phase::Fresh,
             creator: std::process::id(),
+            wb_start: 0,
+            wb_chunk: WRITEBACK_CHUNK,
         })
     }
 
@@ -112,6 +134,12 @@ impl SpoolWriter {
     }
     pub fn max_line(&self) -> u64 {
         self.stats.max_line()
+    }
+    /// LF bytes in the message part written so far (counted in the same pass that finds the
+    /// longest line). Complete once `stream_rest` has returned: before that, output still
+    /// buffered is not counted. A last line without LF is not counted.
+    pub fn lines(&self) -> u64 {
+        self.stats.lines()
     }
     pub fn crc32(&self) -> u32 {
         self.stats.crc32()
@@ -168,18 +196,80 @@ impl SpoolWriter {
         if self.out.is_empty() {
             return Ok(());
         }
-        if self.stats.size() + self.out.len() as u64 > MAX_MSG_LEN {
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_out(&out);
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Write `data` to the message part and account for it.
+    fn write_out(&mut self, data: &[u8]) -> Result<()> {
+        if self.stats.size() + data.len() as u64 > MAX_MSG_LEN {
             return Err(CoreError::errno(libc::EFBIG, &self.path));
         }
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| CoreError::usage("SpoolWriter: file is closed"))?;
-        file.write_all(&self.out)
+        file.write_all(data)
             .map_err(|e| CoreError::io(e, &self.path))?;
-        self.stats.update(&self.out);
-        self.out.clear();
+        self.stats.update(data);
+        self.writeback();
         Ok(())
+    }
+
+    /// Normalise the buffered input. The output of one call is a few ranges of the input
+    /// (one when it needs no change, as LF-only text); a single range of at least
+    /// `DIRECT_MIN` bytes with nothing buffered before it is written straight from the input
+    /// buffer, other output is collected in `out`.
+    fn normalise(&mut self) -> Result<()> {
+        let input = &self.inbuf[self.start..self.end];
+        let out = &mut self.out;
+        let mut single = None;
+        let n = self.norm.feed_ranges(input, self.eof, |r| {
+            if single.is_none() && out.is_empty() {
+                single = Some(r);
+            } else {
+                if let Some(first) = single.take() {
+                    out.extend_from_slice(&input[first]);
+                }
+                out.extend_from_slice(&input[r]);
+            }
+        });
+        let base = self.start;
+        self.start += n;
+        match single {
+            Some(r) if r.len() >= DIRECT_MIN => {
+                let inbuf = std::mem::take(&mut self.inbuf);
+                let res = self.write_out(&inbuf[base + r.start..base + r.end]);
+                self.inbuf = inbuf;
+                res
+            }
+            Some(r) => {
+                self.out
+                    .extend_from_slice(&self.inbuf[base + r.start..base + r.end]);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Start writeback of what was written since the last start, once that is at least
+    /// `wb_chunk` bytes. A hint: its failure is never an error (fsync decides durability).
+    fn writeback(&mut self) {
+        let end = self.stats.size();
+        if self.wb_chunk == 0 || end - self.wb_start < self.wb_chunk {
+            return;
+        }
+        let Some(file) = self.file.as_ref() else {
+            return;
+        };
+        match io::start_writeback(file.as_raw_fd(), self.wb_start, end - self.wb_start) {
+            io::Writeback::Started => self.wb_start = end,
+            io::Writeback::Skipped => {}
+            io::Writeback::Unsupported => self.wb_chunk = 0,
+        }
     }
 
     /// The head block of the input, CRLF -> LF: up to and including the first empty line, or
@@ -233,10 +323,8 @@ impl SpoolWriter {
             _ => return Err(self.order_error("stream_rest")),
         }
         loop {
-            let n = self
-                .norm
-                .feed(&self.inbuf[self.start..self.end], self.eof, &mut self.out);
-            self.start += n;
+            let r = self.normalise();
+            self.check(r)?;
             if self.norm.finished() || self.out.len() >= CHUNK {
                 let r = self.flush();
                 self.check(r)?;
@@ -461,7 +549,7 @@ mod tests {
         let head = retry(|| w.read_head(limit)).unwrap();
         w.write_head(&head).unwrap();
         retry(|| w.stream_rest()).unwrap();
-        let (size, eb, ml) = (w.size(), w.eight_bit(), w.max_line());
+        let (size, eb, ml, lines) = (w.size(), w.eight_bit(), w.max_line(), w.lines());
         let dest = t.path().join("dest");
         w.commit(b"{\"v\":1}", Some(&dest)).unwrap();
         assert!(!tmp.exists());
@@ -473,7 +561,84 @@ mod tests {
         assert_eq!(m.envelope(), b"{\"v\":1}");
         let stored = m.read_all().unwrap();
         assert_eq!(stored.len() as u64, size);
+        assert_eq!(lines, count_lf(&stored));
         (head, stored, size, eb, ml)
+    }
+
+    fn count_lf(data: &[u8]) -> u64 {
+        data.iter().filter(|&&b| b == b'\n').count() as u64
+    }
+
+    /// Stream `input` from a regular file (each read returns a whole `CHUNK`) without a head
+    /// step; returns (stored message, lines).
+    fn submit_file(input: &[u8], dot_ends: bool) -> (Vec<u8>, u64) {
+        let t = TempDir::new();
+        let inp = Input::file(t.path(), input);
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), dot_ends).unwrap();
+        retry(|| w.stream_rest()).unwrap();
+        let lines = w.lines();
+        let dest = t.path().join("q");
+        w.commit(b"{}", Some(&dest)).unwrap();
+        let stored = MessageFile::open(&dest).unwrap().read_all().unwrap();
+        assert_eq!(lines, count_lf(&stored));
+        (stored, lines)
+    }
+
+    #[test]
+    fn lines_counted() {
+        // CRLF input: one LF per CRLF; a bare CR is no line end.
+        let (_, stored, ..) = submit(b"A: 1\r\n\r\nx\ry\r\nz\r\n", true, 1 << 20);
+        assert_eq!(stored, b"A: 1\n\nx\ry\nz\n");
+        assert_eq!(submit_file(b"A: 1\r\n\r\nx\ry\r\nz\r\n", true).1, 4);
+        // bare LF
+        assert_eq!(submit_file(b"a\nb\n\nc\n", true).1, 4);
+        // no final newline: the last line is not an LF
+        assert_eq!(
+            submit_file(b"a\r\nb\r\nlast", true),
+            (b"a\nb\nlast".to_vec(), 2)
+        );
+        assert_eq!(submit_file(b"a\nlast\r", false), (b"a\nlast\r".to_vec(), 1));
+        // -i off (dot_ends): input ends at a lone ".", which is not stored
+        assert_eq!(
+            submit_file(b"a\r\nb\r\n.\r\nafter\n", true),
+            (b"a\nb\n".to_vec(), 2)
+        );
+        assert_eq!(submit_file(b"a\nb\n.", true), (b"a\nb\n".to_vec(), 2));
+        assert_eq!(submit_file(b"a\nb\n.\n", true), (b"a\nb\n".to_vec(), 2));
+        // ... and with -i the dot line is data
+        assert_eq!(submit_file(b"a\n.\nb\n", false).1, 3);
+        // empty message, and one that is only the lone dot
+        assert_eq!(submit_file(b"", true), (Vec::new(), 0));
+        assert_eq!(submit_file(b".\r\n", true), (Vec::new(), 0));
+        let (_, stored, ..) = submit(b"", true, 1 << 20);
+        assert!(stored.is_empty());
+    }
+
+    #[test]
+    fn lines_across_read_chunks() {
+        // Lines split across the 1 MiB reads of a regular file: a CRLF whose CR ends one read
+        // and whose LF starts the next, a line spanning a whole read, and an LF as the last
+        // byte of a read; then the same through a pipe (4093-byte writes).
+        let mut input = vec![b'x'; CHUNK - 1];
+        input.extend_from_slice(b"\r\n");
+        input.extend(std::iter::repeat_n(b'y', CHUNK + 10));
+        input.extend_from_slice(b"\r\n");
+        let pad = 3 * CHUNK - 1 - input.len();
+        input.extend(std::iter::repeat_n(b'z', pad));
+        input.push(b'\n');
+        let mut i = 0u32;
+        while input.len() < 5 * CHUNK {
+            input.extend_from_slice(format!("short line {i}\r\n").as_bytes());
+            i += 1;
+        }
+        input.extend_from_slice(b"tail");
+        let want_lf = 3 + u64::from(i);
+        let (stored, lines) = submit_file(&input, true);
+        assert_eq!(lines, want_lf);
+        assert_eq!(stored.len(), input.len() - (want_lf as usize - 1));
+        let (_, stored_pipe, ..) = submit(&input, true, 1 << 20);
+        assert!(stored_pipe == stored);
     }
 
     #[test]
@@ -660,6 +825,76 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        w.abort().unwrap();
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn unchanged_runs_written_from_input_buffer() {
+        // LF-only text from a regular file: whole reads pass through unchanged (written from
+        // the input buffer); a head written first, a CRLF and a lone dot late in the input
+        // switch back to copying.
+        let mut body = Vec::new();
+        let mut i = 0u32;
+        while body.len() < 3 * CHUNK + 12_345 {
+            body.extend_from_slice(format!("line {i} .x\n..dot\n").as_bytes());
+            i += 1;
+        }
+        let mut input = b"Subject: big\n\n".to_vec();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"crlf\r\n.\r\nnot message\n");
+        let mut want = b"Subject: big\n\n".to_vec();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(b"crlf\n");
+        for dot_ends in [true, false] {
+            let t = TempDir::new();
+            let inp = Input::file(t.path(), &input);
+            let tmp = t.path().join("tmp");
+            let mut w = SpoolWriter::create(&tmp, inp.fd(), dot_ends).unwrap();
+            let head = retry(|| w.read_head(1 << 20)).unwrap();
+            assert_eq!(head, b"Subject: big\n\n");
+            w.write_head(&head).unwrap();
+            retry(|| w.stream_rest()).unwrap();
+            let (size, lines, ml) = (w.size(), w.lines(), w.max_line());
+            let dest = t.path().join("q");
+            w.commit(b"{}", Some(&dest)).unwrap();
+            let m = MessageFile::open(&dest).unwrap();
+            m.verify().unwrap();
+            let stored = m.read_all().unwrap();
+            let want: Vec<u8> = if dot_ends {
+                want.clone()
+            } else {
+                let mut n = Normalizer::new(false);
+                let mut out = Vec::new();
+                n.feed(&input, true, &mut out);
+                out
+            };
+            assert!(stored == want, "dot_ends {dot_ends}");
+            assert_eq!(size, want.len() as u64);
+            assert_eq!(lines, count_lf(&want));
+            assert_eq!(ml, m.max_line());
+        }
+    }
+
+    #[test]
+    fn direct_write_error_is_reported_with_path() {
+        let Ok(full) = File::options().write(true).open("/dev/full") else {
+            return;
+        };
+        let t = TempDir::new();
+        let inp = Input::file(t.path(), &b"0123456789\n".repeat(300_000));
+        let tmp = t.path().join("tmp");
+        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
+        w.file = Some(full);
+        let e = retry(|| w.stream_rest()).unwrap_err();
+        match e {
+            CoreError::Io { source, path } => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+                assert_eq!(path.as_deref(), Some(tmp.as_path()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
         w.abort().unwrap();
         assert!(!tmp.exists());
     }
