@@ -9,6 +9,7 @@ import time
 
 import dma
 from conftest import DmaSite
+from dma.spool import Spool
 from smtpd import Behaviour, ScriptedServer, Transaction, closed_port, over_data
 
 SENDER = "sender@example.net"
@@ -210,3 +211,24 @@ def test_messages_to_other_destinations_are_not_batched_together(site: DmaSite) 
     assert site.queue_ids() == []
     assert sorted(_by_marker(server)) == [0, 1, 2, 4, 5, 6]
     assert b"marker-0003" in site.mailbox().read_bytes()
+
+
+def test_size_comes_from_the_envelope_and_is_exact(site: DmaSite) -> None:
+    # SIZE= is the message with CRLF line ends (before dot-stuffing and the wrapping of long
+    # lines); the line count recorded at submission saves a pass over the queue file.  CRLF
+    # and LF input both give the exact size.
+    bodies = [_body(0), _body(1).replace(b"\n", b"\r\n"), _body(2, 400_000)]
+    with ScriptedServer(Behaviour(size=0)) as server:
+        _smarthost(site, server)
+        expected = []
+        for qid in _fill(site, bodies):
+            msg, env = Spool(str(site.spool)).open(qid)
+            with msg:
+                assert env.lines == sum(c.count(b"\n") for c in msg.cursor("raw")) > 0
+                expected.append(sum(len(c) for c in msg.cursor("crlf")))
+        assert site.run("-q").returncode == 0
+        server.wait_closed()
+    got = _by_marker(server)
+    for i in range(3):
+        (t,) = got[i]
+        assert t.mail_params == [f"SIZE={expected[i]}"]

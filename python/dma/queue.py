@@ -63,7 +63,13 @@ def _remote(msg: _core.MessageFile, env: Envelope, dest: route.Destination, conf
 
     return smtp.deliver(msg, env.sender, dest.recipients, hosts, dest, config,
                         _auth_table(config, log), log, queue_id=env.id, created=env.created,
-                        pool=pool)
+                        pool=pool, wire=_wire(msg, env))
+
+
+def _wire(msg: _core.MessageFile, env: Envelope) -> int | None:
+    """The message's size with CRLF line ends (SMTP's SIZE=), when the envelope knows its
+    line count."""
+    return msg.size + env.lines if env.lines >= 0 else None
 
 
 def _auth_table(config: Config, log: Log) -> auth.AuthTable | None:
@@ -110,6 +116,10 @@ class _Claimed:
     @property
     def created(self) -> float:
         return self.env.created
+
+    @property
+    def wire(self) -> int | None:
+        return _wire(self.msg, self.env)
 
     @property
     def one_destination(self) -> route.Destination | None:

@@ -84,6 +84,8 @@ if TYPE_CHECKING:
         def queue_id(self) -> str: ...
         @property
         def created(self) -> float: ...
+        @property
+        def wire(self) -> int | None: ...
 
     J = TypeVar("J", bound=Job)
     _Prep = tuple[J, "_Txn", tuple[bytes, list[int], list[bytes]] | None, bytes | None, str]
@@ -502,8 +504,10 @@ class Connection:
 
     # -- the transaction ----------------------------------------------------------------
 
-    def send(self, msg: MessageLike, sender: str, recipients: Sequence[str]) -> list[Outcome]:
-        """One mail transaction for ``recipients``; an Outcome for each, in order."""
+    def send(self, msg: MessageLike, sender: str, recipients: Sequence[str], *,
+             wire: int | None = None) -> list[Outcome]:
+        """One mail transaction for ``recipients``; an Outcome for each, in order.  ``wire``
+        is the message's size with CRLF line ends when known (else counted for SIZE=)."""
         rcpts = list(recipients)
         results: list[Outcome | None] = [None] * len(rcpts)
         if not rcpts:
@@ -513,7 +517,7 @@ class Connection:
             reason, dsn = self._broken or (f"no connection to {self.relay}", "4.4.2")
             return [self._out(r, "deferred", reason, dsn) for r in rcpts]
         try:
-            self._transaction(client, msg, sender, rcpts, results)
+            self._transaction(client, msg, sender, rcpts, results, wire)
         except _Lost as e:
             self._broken = e.describe(self.relay, self._stage)
             self._fill(results, rcpts, "deferred", *self._broken)
@@ -547,7 +551,8 @@ class Connection:
         return code, text
 
     def _commands(self, msg: MessageLike, sender: str, rcpts: list[str],
-                  results: list[Outcome | None]) -> tuple[bytes, list[int], list[bytes]] | None:
+                  results: list[Outcome | None],
+                  wire: int | None) -> tuple[bytes, list[int], list[bytes]] | None:
         """MAIL FROM and one RCPT TO per recipient that can be sent (indexes in ``wanted``);
         what cannot be sent gets its outcome in ``results``; None when nothing can."""
         feats = self._client.esmtp_features if self._client is not None else {}
@@ -585,7 +590,7 @@ class Connection:
 
         params: list[bytes] = []
         if "size" in feats:
-            wire = wire_size(msg)
+            wire = wire_size(msg) if wire is None else wire
             try:
                 limit = int(feats["size"].split()[0]) if feats["size"].strip() else 0
             except ValueError:
@@ -604,7 +609,7 @@ class Connection:
         return mail_cmd, wanted, rcpt_cmds
 
     def _transaction(self, client: _Client, msg: MessageLike, sender: str,
-                     rcpts: list[str], results: list[Outcome | None]) -> None:
+                     rcpts: list[str], results: list[Outcome | None], wire: int | None) -> None:
         cfg = self.config
         mail_t, rcpt_t = float(cfg.mail_timeout), float(cfg.rcpt_timeout)
         data_t, block_t = float(cfg.data_timeout), float(cfg.datablock_timeout)
@@ -620,7 +625,7 @@ class Connection:
                 raise _Closing(f"{text} (in reply to RSET)", "4.0.0")
             self._need_rset = False
 
-        cmds = self._commands(msg, sender, rcpts, results)
+        cmds = self._commands(msg, sender, rcpts, results, wire)
         if cmds is None:
             return
         mail_cmd, wanted, rcpt_cmds = cmds
@@ -720,7 +725,7 @@ class Connection:
                 or "chunking" in feats):
             # One transaction at a time (BDAT pipelines within a message already).
             for job in jobs:
-                yield job, self.send(job.msg, job.sender, job.recipients)
+                yield job, self.send(job.msg, job.sender, job.recipients, wire=job.wire)
                 if not self.is_open:
                     return
             return
@@ -752,7 +757,8 @@ class Connection:
                     if error:
                         self._fill(txn.results, txn.rcpts, "deferred", error, "4.3.0")
                     elif cmds is not None:
-                        txn.results[:] = self.send(job.msg, job.sender, txn.rcpts)
+                        txn.results[:] = self.send(job.msg, job.sender, txn.rcpts,
+                                                   wire=job.wire)
                     yield job, self._results(txn)
                     if not self.is_open:
                         return
@@ -831,7 +837,8 @@ class Connection:
         txn = _Txn(rcpts, [None] * len(rcpts))
         msg = job.msg
         try:
-            cmds = self._commands(msg, job.sender, rcpts, txn.results) if rcpts else None
+            cmds = (self._commands(msg, job.sender, rcpts, txn.results, job.wire)
+                    if rcpts else None)
             body = None
             if cmds is not None and len(cmds[1]) <= _PIPELINE_BATCH and msg.size <= _HELD_MAX:
                 body = b"".join(msg.cursor(_body_kind(msg)))
@@ -988,7 +995,7 @@ class ConnectionPool:
 def deliver(msg: MessageLike, sender: str, recipients: Sequence[str], hosts: Sequence[Host],
             dest: Destination, config: Config, auth: AuthTable | None, log: Log, *,
             queue_id: str = "", created: float | None = None,
-            pool: ConnectionPool | None = None) -> list[Outcome]:
+            pool: ConnectionPool | None = None, wire: int | None = None) -> list[Outcome]:
     """Delivers one message to one destination: hosts in order, each address of each host,
     until every recipient has a final answer; recipients deferred by one host are tried at
     the next.  Returns one Outcome per (distinct) recipient, in order.  Logs one line per
@@ -1013,7 +1020,7 @@ def deliver(msg: MessageLike, sender: str, recipients: Sequence[str], hosts: Seq
                 conn.open()
                 if pool is not None:
                     pool.opened += 1
-            outs = conn.send(msg, sender, pending)
+            outs = conn.send(msg, sender, pending, wire=wire)
         except DeliveryError as e:
             outs = [Outcome(r, e.status, e.reply, e.dsn, e.relay or conn.relay) for r in pending]
         finally:
@@ -1041,7 +1048,8 @@ def deliver_many(jobs: Iterable[J], hosts: Sequence[Host], dest: Destination, co
     if not hosts:
         for job in it:
             yield job, deliver(job.msg, job.sender, job.recipients, hosts, dest, config, auth,
-                               log, queue_id=job.queue_id, created=job.created, pool=pool)
+                               log, queue_id=job.queue_id, created=job.created, pool=pool,
+                               wire=job.wire)
         return
     host, rest = hosts[0], hosts[1:]
     key = (dest.kind, host.name, host.port)
@@ -1058,7 +1066,8 @@ def deliver_many(jobs: Iterable[J], hosts: Sequence[Host], dest: Destination, co
             return outs
         final = {o.recipient: o for o in outs}
         for o in deliver(job.msg, job.sender, deferred, rest, dest, config, auth, log,
-                         queue_id=job.queue_id, created=job.created, pool=pool):
+                         queue_id=job.queue_id, created=job.created, pool=pool,
+                         wire=job.wire):
             final[o.recipient] = o
         return [final[o.recipient] for o in outs]
 

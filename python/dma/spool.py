@@ -73,7 +73,7 @@ def _json_number(value: float) -> str:
 
 class Envelope(Frozen):
     __slots__ = ("id", "sender", "recipients", "created", "uid", "user", "size", "eight_bit",
-                 "notice")
+                 "notice", "lines")
 
     id: str
     sender: str
@@ -87,10 +87,13 @@ class Envelope(Frozen):
     eight_bit: bool
     notice: str
     """"bounce" or "postmaster" for delivery notices dma generated itself."""
+    lines: int
+    """Line ends in the message (what SMTP's SIZE= adds to its size), -1 when unknown (a
+    file from a version that did not record it)."""
 
     def __init__(self, id: str, sender: str, recipients: tuple[str, ...], created: float,
                  uid: int, user: str, size: int = 0, eight_bit: bool = False,
-                 notice: str = "") -> None:
+                 notice: str = "", lines: int = -1) -> None:
         _set = object.__setattr__
         _set(self, "id", id)
         _set(self, "sender", sender)
@@ -101,6 +104,7 @@ class Envelope(Frozen):
         _set(self, "size", size)
         _set(self, "eight_bit", eight_bit)
         _set(self, "notice", notice)
+        _set(self, "lines", lines)
 
     def to_bytes(self) -> bytes:
         # json.dumps({"v": ENVELOPE_VERSION, "id": ..., "8bit": ...[, "notice": ...]},
@@ -115,6 +119,8 @@ class Envelope(Frozen):
         ]
         if self.notice:
             parts += [',"notice":', _json_str(self.notice)]
+        if self.lines >= 0:
+            parts += [',"lines":', _json_number(self.lines)]
         parts.append("}")
         return "".join(parts).encode()
 
@@ -131,7 +137,7 @@ class Envelope(Frozen):
                 recipients=tuple(str(r) for r in doc["recipients"]),
                 created=float(doc["created"]), uid=int(doc["uid"]), user=str(doc["user"]),
                 size=int(doc.get("size", 0)), eight_bit=bool(doc.get("8bit", False)),
-                notice=str(doc.get("notice", "")),
+                notice=str(doc.get("notice", "")), lines=int(doc.get("lines", -1)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SpoolCorrupt(f"{path}: unreadable envelope ({e})") from None

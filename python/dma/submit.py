@@ -284,7 +284,7 @@ def submit(fd: int, request: Request, config: Config, *, submitter: Submitter | 
         writer.stream_rest()
         envelope = Envelope(id=qid, sender=sender, recipients=tuple(recipients), created=now,
                             uid=submitter.uid, user=submitter.user, size=writer.size,
-                            eight_bit=writer.eight_bit, notice=notice)
+                            eight_bit=writer.eight_bit, notice=notice, lines=writer.lines)
         spool.commit(writer, envelope)
     except BaseException as e:
         writer.abort()
