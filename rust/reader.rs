@@ -231,25 +231,10 @@ impl MessageFile {
             stats.update(&buf[..n]);
             pos += n as u64;
         }
-        let f = &self.footer;
-        let saturated = stats.max_line().min(u64::from(u32::MAX));
-        let problem = if stats.crc32() != f.msg_crc {
-            format!(
-                "message CRC mismatch (footer {:08x}, computed {:08x})",
-                f.msg_crc,
-                stats.crc32()
-            )
-        } else if stats.eight_bit() != f.eight_bit {
-            "message 8-bit flag does not match its content".to_string()
-        } else if saturated != f.max_line {
-            format!(
-                "longest line mismatch (footer {}, computed {saturated})",
-                f.max_line
-            )
-        } else {
-            return Ok(());
-        };
-        Err(CoreError::corrupt(&self.path, problem))
+        match footer_mismatch(&stats, &self.footer) {
+            None => Ok(()),
+            Some(problem) => Err(CoreError::corrupt(&self.path, problem)),
+        }
     }
 
     /// The raw head: message bytes up to and including the first empty line, or up to
@@ -325,6 +310,8 @@ impl MessageFile {
             chunk,
             inbuf: Vec::new(),
             done: false,
+            check: (offset == 0).then(|| (Stats::new(), self.footer)),
+            damaged: None,
         })
     }
 
@@ -374,6 +361,27 @@ impl MessageFile {
     }
 }
 
+/// What differs between the message bytes (their `stats`) and the footer, if anything.
+fn footer_mismatch(stats: &Stats, f: &Footer) -> Option<String> {
+    let saturated = stats.max_line().min(u64::from(u32::MAX));
+    if stats.crc32() != f.msg_crc {
+        Some(format!(
+            "message CRC mismatch (footer {:08x}, computed {:08x})",
+            f.msg_crc,
+            stats.crc32()
+        ))
+    } else if stats.eight_bit() != f.eight_bit {
+        Some("message 8-bit flag does not match its content".to_string())
+    } else if saturated != f.max_line {
+        Some(format!(
+            "longest line mismatch (footer {}, computed {saturated})",
+            f.max_line
+        ))
+    } else {
+        None
+    }
+}
+
 /// fdatasync a caller's descriptor, naming its file in the error if it has one.
 pub fn sync_fd(fd: RawFd) -> Result<()> {
     io::fdatasync_fd(fd).map_err(|e| CoreError::Io {
@@ -393,6 +401,12 @@ pub struct Cursor {
     chunk: usize,
     inbuf: Vec<u8>,
     done: bool,
+    /// For a cursor over the whole message: the bytes read so far, checked against the
+    /// footer when the last of them is read, before the chunk holding them is returned (so
+    /// a damaged file never reaches its end: no SMTP end of data, no complete mbox copy).
+    check: Option<(Stats, Footer)>,
+    /// Set once the check failed: every later call fails the same way.
+    damaged: Option<String>,
 }
 
 impl Cursor {
@@ -412,17 +426,20 @@ impl Cursor {
     /// Append the next transformed chunk to `out`. Returns false when the message is
     /// exhausted and nothing was appended.
     pub fn next_into(&mut self, out: &mut Vec<u8>) -> Result<bool> {
+        if let Some(problem) = &self.damaged {
+            return Err(CoreError::corrupt(&self.path, problem.clone()));
+        }
         let start = out.len();
         if self.transform.kind() == Kind::Raw && self.pos < self.end {
             // Nothing to transform: read straight into the output.
             let n = (self.end - self.pos).min(self.chunk as u64) as usize;
             out.resize(start + n, 0);
-            let r = pread_exact(&self.shared, &self.path, &mut out[start..], self.pos);
+            let r = pread_exact(&self.shared, &self.path, &mut out[start..], self.pos)
+                .and_then(|()| self.checked(n as u64, &out[start..]));
             if r.is_err() {
                 out.truncate(start);
             }
             r?;
-            self.pos += n as u64;
             return Ok(true);
         }
         while self.pos < self.end {
@@ -431,8 +448,11 @@ impl Cursor {
                 self.inbuf.resize(n, 0);
             }
             pread_exact(&self.shared, &self.path, &mut self.inbuf[..n], self.pos)?;
+            let inbuf = std::mem::take(&mut self.inbuf);
+            let r = self.checked(n as u64, &inbuf[..n]);
+            self.inbuf = inbuf;
+            r?;
             self.transform.feed(&self.inbuf[..n], out);
-            self.pos += n as u64;
             if out.len() > start {
                 return Ok(true);
             }
@@ -443,6 +463,24 @@ impl Cursor {
             self.transform.finish(out);
         }
         Ok(out.len() > start)
+    }
+}
+
+impl Cursor {
+    /// Account for `data`, the `n` source bytes just read at `pos`, and advance; at the end
+    /// of the message compare everything read with the footer.
+    fn checked(&mut self, n: u64, data: &[u8]) -> Result<()> {
+        self.pos += n;
+        if let Some((stats, footer)) = &mut self.check {
+            stats.update(data);
+            if self.pos == self.end {
+                if let Some(problem) = footer_mismatch(stats, footer) {
+                    self.damaged = Some(problem.clone());
+                    return Err(CoreError::corrupt(&self.path, problem));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -839,6 +877,61 @@ mod tests {
         let mut child = Vec::new();
         File::open(&out).unwrap().read_to_end(&mut child).unwrap();
         assert!(child == want);
+    }
+
+    #[test]
+    fn a_cursor_from_the_start_refuses_to_finish_a_damaged_message() {
+        let t = TempDir::new();
+        let body: Vec<u8> = (0..50_000u32)
+            .flat_map(|i| format!("line {i} of the message\n").into_bytes())
+            .collect();
+        let p = make(t.path(), "q", &body, b"{}");
+        // Flip one byte of the message after the footer was written.
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[body.len() - 10] ^= 0x20;
+        std::fs::write(&p, &bytes).unwrap();
+        let m = MessageFile::open(&p).unwrap();
+        for kind in [Kind::Raw, Kind::Crlf, Kind::Smtp, Kind::Mbox] {
+            // Small chunks: the damage is found only when the last one is read.
+            let mut c = m.cursor(kind, 0, 4096).unwrap();
+            let mut out = Vec::new();
+            let err = loop {
+                match c.next_into(&mut out) {
+                    Ok(true) => continue,
+                    Ok(false) => panic!("{kind:?}: a damaged message streamed to its end"),
+                    Err(e) => break e,
+                }
+            };
+            assert!(err.to_string().contains("CRC mismatch"), "{err}");
+            assert!(
+                !out.windows(11).any(|w| w == b"line 49999 "),
+                "{kind:?}: the last chunk was returned"
+            );
+            assert!(
+                !out.ends_with(b".\r\n"),
+                "{kind:?}: the terminator was returned"
+            );
+            // And it stays refused.
+            assert!(c.next_into(&mut out).is_err());
+        }
+        // A cursor started midway cannot check the whole message and does not try.
+        let mut c = m.cursor(Kind::Raw, 10, 4096).unwrap();
+        let mut out = Vec::new();
+        while c.next_into(&mut out).unwrap() {}
+        assert_eq!(out.len(), body.len() - 10);
+        // send_to stops before the end too.
+        let out_path = t.path().join("out");
+        let f = File::create(&out_path).unwrap();
+        assert!(m.send_to(f.as_raw_fd(), Kind::Smtp, 4096).is_err());
+        let sent = std::fs::read(&out_path).unwrap();
+        assert!(!sent.windows(11).any(|w| w == b"line 49999 ") && !sent.ends_with(b".\r\n"));
+        // The intact message streams as before.
+        let good = make(t.path(), "g", &body, b"{}");
+        let g = MessageFile::open(&good).unwrap();
+        let mut c = g.cursor(Kind::Smtp, 0, 4096).unwrap();
+        let mut out = Vec::new();
+        while c.next_into(&mut out).unwrap() {}
+        assert!(out.ends_with(b".\r\n"));
     }
 
     #[test]

@@ -232,3 +232,56 @@ def test_size_comes_from_the_envelope_and_is_exact(site: DmaSite) -> None:
     for i in range(3):
         (t,) = got[i]
         assert t.mail_params == [f"SIZE={expected[i]}"]
+
+
+def _damage(site: DmaSite, qid: str, marker: bytes) -> None:
+    victim = site.spool / "queue" / qid
+    data = bytearray(victim.read_bytes())
+    data[data.index(marker)] ^= 0x20
+    victim.write_bytes(bytes(data))
+
+
+def test_a_fresh_message_damaged_before_its_first_attempt_is_never_completed(
+        site: DmaSite) -> None:
+    # Right after submission the file is not read once more just to check it; the copy
+    # being sent is checked as it is read, and its end (the dot) never goes out.
+    from dma import config as config_mod
+    from dma.log import Log
+    from dma.queue import deliver_message
+
+    big = _body(1, 600_000)  # streamed, not read whole
+    with ScriptedServer(Behaviour()) as server:
+        _smarthost(site, server)
+        cfg = config_mod.load(str(site.conf))
+        log = Log(use_syslog=False, fallback_path=str(site.root / "dma.log"))
+        for body in (_body(0), big):
+            (qid,) = _fill(site, [body])
+            _damage(site, qid, b"end of ")
+            result = deliver_message(Spool(cfg.spooldir), qid, cfg, log, fresh=True)
+            (o,) = result.outcomes
+            assert o.status == "deferred" and "CRC mismatch" in o.reply, o
+        r = site.run("-q")  # a queue run checks first and leaves them alone
+        assert r.returncode == 0, r.stderr
+        server.wait_closed()
+    assert server.transactions == []
+    assert len(site.queue_ids()) == 2
+    assert (site.root / "dma.log").read_text().count("refusing to deliver a damaged") == 2
+
+
+def test_a_fresh_local_copy_of_a_damaged_message_is_taken_back(site: DmaSite) -> None:
+    from dma import config as config_mod
+    from dma.log import Log
+    from dma.queue import deliver_message
+
+    # (The bounce to the sender waits: the smarthost is not listening.)
+    site.write_conf(f"SMARTHOST 127.0.0.1\nPORT {closed_port()}\n")
+    cfg = config_mod.load(str(site.conf))
+    (qid,) = _fill_one(site, _body(0, 300_000), "root")
+    _damage(site, qid, b"end of ")
+    result = deliver_message(Spool(cfg.spooldir), qid, cfg,
+                             Log(use_syslog=False, fallback_path=str(site.root / "dma.log")),
+                             fresh=True)
+    (o,) = result.outcomes
+    assert o.status == "failed" and "damaged" in o.reply, o
+    mbox = site.mailbox()
+    assert not mbox.exists() or b"marker-0000" not in mbox.read_bytes()

@@ -93,4 +93,4 @@ def _start_delivery(qid: str, cfg: Config, given: Config | str | None) -> None:
     from dma.spool import Spool
 
     log = Log("dma", fallback_path=cfg.log_path)
-    queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)
+    queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log, fresh=True)

@@ -301,11 +301,12 @@ def _send(o: Options, cfg: Config, log: Log) -> int:
 
 
 def _deliver_now(qid: str, cfg: Config, log: Log) -> int:
+    """The first attempt at a message this process has just committed."""
     from dma import queue
     from dma.spool import Spool
 
     try:
-        result = queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log)
+        result = queue.deliver_message(Spool(cfg.spooldir), qid, cfg, log, fresh=True)
     except OSError as e:
         log.error(f"{qid}: delivery attempt failed: {e}; the message stays queued")
         return EX_TEMPFAIL
