@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from dma import _core, bounce, route
 from dma.config import Config
-from dma.errors import DmaError, SpoolCorrupt
+from dma.errors import ConfigError, DmaError, SpoolCorrupt
 from dma.log import Log
 from dma.outcome import Outcome
 from dma.record import Record
@@ -405,6 +405,8 @@ class _Run:
                                f"'dma queue delete {qid}'")
                 self.results.append(RunResult(qid, [], claimed=False, error=str(e)))
                 continue
+            except ConfigError:
+                raise  # the run's configuration, not this message: stop with it
             except (DmaError, OSError) as e:
                 self.log.error(f"{qid}: unreadable queue file, not delivered: {e}")
                 self.results.append(RunResult(qid, [], claimed=False, error=str(e)))
