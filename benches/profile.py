@@ -98,16 +98,21 @@ def wrap(obj, name, key):
         finally:
             T[key] += time.perf_counter() - t; N[key] += 1
     setattr(obj, name, w)
-for obj, name, key in [(queue, "deliver_message", "queue.deliver_message (all)"),
-                       (smtp, "deliver", "  smtp.deliver (worker thread)"),
-                       (smtp.Connection, "reset", "    Connection.reset (RSET)"),
-                       (smtp.Connection, "send", "    Connection.send (MAIL..dot)"),
-                       (spool.Spool, "open", "  Spool.open (+flock)"),
-                       (spool.Spool, "states", "  Spool.states (journal read)"),
-                       (spool.Spool, "record", "  Spool.record (journal append)"),
-                       (queue, "_finish", "  queue._finish (states+remove)"),
-                       (logmod.Log, "info", "  Log.info (open/write/close)"),
-                       (route, "plan", "  route.plan"), (route, "resolve", "  route.resolve")]:
+# A queue run to one smarthost: the messages are claimed (locked, read) as the pipelined
+# session asks for them (queue._claim), their replies read (Connection._reply), their ends
+# concluded (queue._conclude: the unlink, or journal and bounce).
+for obj, name, key in [(queue, "_claim", "  queue._claim (lock, envelope, state)"),
+                       (spool.Spool, "open", "    Spool.open"),
+                       (spool.Spool, "states", "    Spool.states (journal read)"),
+                       (route, "plan", "    route.plan"),
+                       (smtp.Connection, "_prep", "  Connection._prep (commands, body)"),
+                       (smtp.Connection, "_reply", "  Connection._reply (wait + parse)"),
+                       (smtp._Client, "send_raw", "  _Client.send_raw (sendall)"),
+                       (smtp, "_log_attempt", "  smtp._log_attempt (log line)"),
+                       (queue, "_conclude", "  queue._conclude (remove / journal)"),
+                       (spool.Spool, "record", "    Spool.record (journal append)"),
+                       (spool.Spool, "remove", "    Spool.remove (unlink)"),
+                       (route, "resolve", "  route.resolve")]:
     wrap(obj, name, key)
 submit = cft.ThreadPoolExecutor.submit
 def timed_submit(self, fn, *a, **k):
