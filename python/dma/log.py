@@ -8,6 +8,7 @@ A ``Log`` is created by the CLI (or ``dma.send``) and passed down; there is no g
 from __future__ import annotations
 
 import _thread
+import fcntl
 import os
 import sys
 import time
@@ -50,6 +51,11 @@ class Log:
         assert self.fallback_path is not None
         fd = os.open(self.fallback_path,
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        if fd < 3:
+            # Started with stdin, stdout or stderr closed: a descriptor kept open must not
+            # take their place (the message is read from fd 0).
+            low, fd = fd, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(low)
         self._fd, self._pid = (fd, now), os.getpid()
         return fd
 

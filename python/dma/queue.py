@@ -111,7 +111,8 @@ class _Claimed:
 
     @property
     def recipients(self) -> tuple[str, ...]:
-        return self.plan.remote[0].recipients
+        # Distinct, as smtp.deliver makes them (one RCPT, one outcome per address).
+        return tuple(dict.fromkeys(self.plan.remote[0].recipients))
 
     @property
     def created(self) -> float:
