@@ -806,25 +806,31 @@ mod tests {
         assert!(!tmp.exists());
     }
 
-    #[test]
-    fn write_error_is_reported_with_path() {
-        // /dev/full accepts the open but every write fails with ENOSPC.
-        let Ok(full) = File::options().write(true).open("/dev/full") else {
-            return;
-        };
-        let t = TempDir::new();
-        let inp = Input::pipe(&vec![b'x'; 3 * CHUNK]);
+    /// Streams `inp` into a writer whose file is /dev/full (the open works, every write
+    /// fails with ENOSPC) and checks that the error names the temp file; None without
+    /// /dev/full.
+    fn stream_into_full_disk(t: &TempDir, inp: &Input) -> Option<(SpoolWriter, PathBuf)> {
+        let full = File::options().write(true).open("/dev/full").ok()?;
         let tmp = t.path().join("tmp");
         let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
         w.file = Some(full);
-        let e = retry(|| w.stream_rest()).unwrap_err();
-        match e {
+        match retry(|| w.stream_rest()).unwrap_err() {
             CoreError::Io { source, path } => {
                 assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
                 assert_eq!(path.as_deref(), Some(tmp.as_path()));
             }
             other => panic!("{other:?}"),
         }
+        Some((w, tmp))
+    }
+
+    #[test]
+    fn write_error_is_reported_with_path() {
+        let t = TempDir::new();
+        let inp = Input::pipe(&vec![b'x'; 3 * CHUNK]);
+        let Some((mut w, tmp)) = stream_into_full_disk(&t, &inp) else {
+            return;
+        };
         w.abort().unwrap();
         assert!(!tmp.exists());
     }
@@ -878,22 +884,11 @@ mod tests {
 
     #[test]
     fn direct_write_error_is_reported_with_path() {
-        let Ok(full) = File::options().write(true).open("/dev/full") else {
-            return;
-        };
         let t = TempDir::new();
         let inp = Input::file(t.path(), &b"0123456789\n".repeat(300_000));
-        let tmp = t.path().join("tmp");
-        let mut w = SpoolWriter::create(&tmp, inp.fd(), true).unwrap();
-        w.file = Some(full);
-        let e = retry(|| w.stream_rest()).unwrap_err();
-        match e {
-            CoreError::Io { source, path } => {
-                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
-                assert_eq!(path.as_deref(), Some(tmp.as_path()));
-            }
-            other => panic!("{other:?}"),
-        }
+        let Some((mut w, tmp)) = stream_into_full_disk(&t, &inp) else {
+            return;
+        };
         assert!(matches!(w.stream_rest(), Err(CoreError::Usage(_))));
         w.abort().unwrap();
         assert!(!tmp.exists());

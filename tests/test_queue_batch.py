@@ -85,7 +85,7 @@ def test_each_message_keeps_its_own_outcome(site: DmaSite) -> None:
         _smarthost(site, server)
         ids = []
         for i in range(10):
-            ids += _fill_one(site, _body(i), "gone@example.org" if i == 3 else "r@example.org")
+            ids += _fill(site, [_body(i)], "gone@example.org" if i == 3 else "r@example.org")
         r = site.run("-q")
         assert r.returncode == 0, r.stderr
         server.wait_closed()
@@ -99,11 +99,6 @@ def test_each_message_keeps_its_own_outcome(site: DmaSite) -> None:
     bounces = [t for t in server.transactions if t.mail_from == "" and t.rcpts == [SENDER]]
     assert len(bounces) == 1 and b"no such user" in bounces[0].data
     assert b"message 3" in bounces[0].data
-
-
-def _fill_one(site: DmaSite, body: bytes, rcpt: str) -> list[str]:
-    return [dma.send(body, recipients=[rcpt], sender=SENDER, config=str(site.conf),
-                     deliver=False)]
 
 
 def test_server_that_closes_after_each_message(site: DmaSite) -> None:
@@ -203,7 +198,7 @@ def test_messages_to_other_destinations_are_not_batched_together(site: DmaSite) 
     with ScriptedServer(Behaviour()) as server:
         _smarthost(site, server)
         ids = _fill(site, [_body(i) for i in range(3)])
-        ids += _fill_one(site, _body(3), "root")
+        ids += _fill(site, [_body(3)], "root")
         ids += _fill(site, [_body(i) for i in range(4, 7)])
         assert len(os.listdir(site.spool / "queue")) == 7
         assert site.run("-q").returncode == 0
@@ -276,7 +271,7 @@ def test_a_fresh_local_copy_of_a_damaged_message_is_taken_back(site: DmaSite) ->
     # (The bounce to the sender waits: the smarthost is not listening.)
     site.write_conf(f"SMARTHOST 127.0.0.1\nPORT {closed_port()}\n")
     cfg = config_mod.load(str(site.conf))
-    (qid,) = _fill_one(site, _body(0, 300_000), "root")
+    (qid,) = _fill(site, [_body(0, 300_000)], "root")
     _damage(site, qid, b"end of ")
     result = deliver_message(Spool(cfg.spooldir), qid, cfg,
                              Log(use_syslog=False, fallback_path=str(site.root / "dma.log")),

@@ -290,7 +290,10 @@ def _send(o: Options, cfg: Config, log: Log) -> int:
         if o.foreground:
             return _deliver_now(qid, cfg, log)
         if early is None:
-            _deliver_detached(qid, cfg, log)
+            # No head start (the fork before reading failed): the same child, started now.
+            early = _start_delivery_child(cfg, log, ())
+        if early is None:
+            log.warning(f"{qid}: cannot start delivery (no process); it stays queued")
         else:
             _hand_over(early, qid, log)
             early = None
@@ -334,8 +337,7 @@ def _warm_modules(o: Options, cfg: Config) -> tuple[str, ...]:
 
 def _start_delivery_child(cfg: Config, log: Log, modules: Sequence[str]) -> int | None:
     """Fork the detached delivery now; returns the pipe on which it waits for the queue
-    id, or None when it cannot be started (the delivery is then forked after the commit,
-    as without this head start)."""
+    id, or None when it cannot be started."""
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -410,30 +412,6 @@ def _deliver_in_child(qid: str, cfg: Config, log: Log) -> None:
 
         if not hostsetup.runner_installed():
             queue.retry_until_done(Spool(cfg.spooldir), qid, cfg, log)
-
-
-def _deliver_detached(qid: str, cfg: Config, log: Log) -> None:
-    """The caller has its answer (the message is durable); the first attempt runs in a
-    child that has left the caller's session and closed the caller's pipes, so cron and
-    mail clients are not kept waiting."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError as e:
-        log.warning(f"{qid}: cannot start delivery ({e.strerror}); it stays queued")
-        return
-    if pid:
-        return
-    status = EX_OK
-    try:
-        _detach(log)
-        _deliver_in_child(qid, cfg, log)
-    except BaseException as e:  # noqa: BLE001 - the child must always exit here
-        log.error(f"{qid}: delivery attempt crashed: {e!r}; the message stays queued")
-        status = EX_SOFTWARE
-    finally:
-        os._exit(status)
 
 
 if __name__ == "__main__":

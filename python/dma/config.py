@@ -199,13 +199,6 @@ class Config(Frozen):
         _set(self, "delay_warning", delay_warning)
         _set(self, "logfile", logfile)
 
-    def replace(self, **changes: Any) -> Config:
-        """A copy with the given fields changed (what ``dataclasses.replace`` did)."""
-        for name in Config.__slots__:
-            if name not in changes:
-                changes[name] = getattr(self, name)
-        return self.__class__(**changes)
-
     @property
     def local_domains(self) -> frozenset[str]:
         """The domains that mean "this host", lower-case: the mail name, ``localhost``

@@ -328,6 +328,16 @@ def _truncate_back(fd: int, size: int) -> None:
         pass
 
 
+def _wait_for_lock(deadline: float, delay: float, held: str) -> float:
+    """Sleep before the next try at a lock (backing off), or defer once ``deadline`` has
+    passed; returns the next delay."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _deferred(f"{held}; will try again later", "4.2.0")
+    time.sleep(min(delay, remaining))
+    return min(delay * 2, _BACKOFF_MAX)
+
+
 def _fcntl_lock(fd: int, path: str, deadline: float) -> None:
     import fcntl
 
@@ -339,12 +349,8 @@ def _fcntl_lock(fd: int, path: str, deadline: float) -> None:
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN, errno.EINTR):
                 raise _io_reason(f"cannot lock mailbox {path}", e) from e
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _deferred(f"mailbox {path} is locked by another program (fcntl lock); "
-                            "will try again later", "4.2.0")
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, _BACKOFF_MAX)
+        delay = _wait_for_lock(deadline, delay, f"mailbox {path} is locked by another "
+                               "program (fcntl lock)")
 
 
 def _fcntl_unlock(fd: int) -> None:
@@ -391,12 +397,8 @@ def _dotlock(spool_fd: int, name: str, path: str, deadline: float,
             if broken:
                 recovered = left if left is not None else recovered
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _deferred(f"mailbox is locked by another program ({path} exists); "
-                                "will try again later", "4.2.0")
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, _BACKOFF_MAX)
+            delay = _wait_for_lock(deadline, delay, f"mailbox is locked by another program "
+                                   f"({path} exists)")
     finally:
         _unlink_quietly(tmp, spool_fd)
     try:

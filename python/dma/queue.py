@@ -259,9 +259,10 @@ def _conclude(c: _Claimed, outcomes: list[Outcome], config: Config, log: Log) ->
     journalled = len(c.plan.remote) + len(c.plan.local) > 1
     if not journalled:
         outcomes[:] = _expire(c, outcomes, config, log)
+        tried = {o.recipient for o in outcomes}
         if all(o.status == "delivered" for o in outcomes) and all(
                 c.states[r].status == "delivered" for r in c.env.recipients
-                if r not in {o.recipient for o in outcomes}):
+                if r not in tried):
             c.spool.remove(c.queue_id, held=False)
             return None
         for o in outcomes:

@@ -10,6 +10,10 @@ arguments, and gets dataclass behaviour from these bases.
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of start-up
+if TYPE_CHECKING:
+    from typing import Any, Self
+
 
 class Record:
     __slots__ = ()
@@ -47,3 +51,10 @@ class Frozen(Record):
 
     def __reduce__(self) -> tuple[type[Frozen], tuple[object, ...]]:
         return (self.__class__, self._key())
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with the given fields changed (what ``dataclasses.replace`` does); an
+        unknown field is a TypeError."""
+        fields = {name: getattr(self, name) for name in self._fields()}
+        fields.update(changes)
+        return self.__class__(**fields)

@@ -52,24 +52,8 @@ TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds of st
 if TYPE_CHECKING:
     from typing import Literal, Protocol, TypeVar
 
+    from ._core import MessageFile as MessageLike
     from .outcome import Status
-
-    class MessageLike(Protocol):
-        """What we use of ``dma._core.MessageFile``."""
-
-        @property
-        def path(self) -> str: ...
-        @property
-        def size(self) -> int: ...
-        @property
-        def eight_bit(self) -> bool: ...
-        @property
-        def max_line(self) -> int: ...
-        @property
-        def crc32(self) -> int: ...
-        def cursor(self, kind: str = ..., offset: int = ...,
-                   chunk: int = ...) -> Iterator[bytes]: ...
-        def send_to(self, fd: int, kind: str = ..., chunk: int = ...) -> int: ...
 
     class Job(Protocol):
         """One message for ``send_many`` / ``deliver_many``."""

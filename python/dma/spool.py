@@ -227,15 +227,8 @@ class Spool:
     def new_writer(self, fd: int, *, dot_ends: bool) -> tuple[str, _core.SpoolWriter]:
         """A fresh queue id and a writer streaming the input on ``fd`` into ``tmp/ID``."""
         self.ensure()
-        for _ in range(8):
-            qid = new_id()
-            try:
-                return qid, _core.SpoolWriter(os.path.join(self.tmp_dir, qid), fd, dot_ends)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise spool_error(e, f"cannot create a spool file in {self.tmp_dir}") from None
-        raise SpoolError(f"cannot find a free queue id in {self.tmp_dir}")
+        return _new_writer(self.tmp_dir, fd, dot_ends, "cannot create a spool file in",
+                           "queue id")
 
     def must_drop(self) -> bool:
         """True for a submitter who may not write the queue but may drop messages into
@@ -245,15 +238,8 @@ class Spool:
 
     def new_drop(self, fd: int, *, dot_ends: bool) -> tuple[str, _core.SpoolWriter]:
         """A writer creating ``incoming/ID`` at its final name; committed in place."""
-        for _ in range(8):
-            qid = new_id()
-            try:
-                return qid, _core.SpoolWriter(os.path.join(self.incoming_dir, qid), fd, dot_ends)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise spool_error(e, f"cannot drop a message into {self.incoming_dir}") from None
-        raise SpoolError(f"cannot find a free name in {self.incoming_dir}")
+        return _new_writer(self.incoming_dir, fd, dot_ends, "cannot drop a message into",
+                           "name")
 
     def commit_drop(self, writer: _core.SpoolWriter, request: bytes) -> None:
         try:
@@ -483,6 +469,20 @@ class Claim:
         msg, self._msg = self._msg, None
         if msg is not None:
             msg.close()
+
+
+def _new_writer(directory: str, fd: int, dot_ends: bool, failing: str,
+                noun: str) -> tuple[str, _core.SpoolWriter]:
+    """A fresh id and a writer creating ``directory/ID`` (a new id if that name is taken)."""
+    for _ in range(8):
+        qid = new_id()
+        try:
+            return qid, _core.SpoolWriter(os.path.join(directory, qid), fd, dot_ends)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise spool_error(e, f"{failing} {directory}") from None
+    raise SpoolError(f"cannot find a free {noun} in {directory}")
 
 
 def _writer_alive(path: str) -> bool:

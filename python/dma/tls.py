@@ -84,12 +84,6 @@ class TlsPolicy(Frozen):
         _set(self, "certfile", certfile)
         _set(self, "cafile", cafile)
 
-    def replace(self, **changes: object) -> TlsPolicy:
-        """A copy with the given fields changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        fields.update(changes)
-        return TlsPolicy(**fields)
-
 
 def policy_for(config: Config, kind: str) -> TlsPolicy:
     """The TLS policy for a destination of ``kind`` ("smarthost" or "mx")."""
